@@ -1,0 +1,141 @@
+"""The ``itl-ray`` command: parse arguments, call one function per subcommand, print user errors
+as one line (``--debug`` keeps the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from itl_ray.errors import UserError
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="itl-ray", description="What makes ImageNet good for transfer learning?")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sweep = commands.add_parser("sweep", help="run a sweep of trials with Ray Tune, tracked in MLflow")
+    sweep.add_argument("spec", help="sweep spec YAML (see sweeps/)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set data.imagenet=/data/ilsvrc2012")
+    sweep.add_argument("--dry-run", action="store_true", help="print the trials and a GPU-hour estimate only")
+    sweep.add_argument("--resume", action="store_true", help="continue the latest run of this sweep")
+
+    trial = commands.add_parser("trial", help="run one trial of a sweep spec in this process, without Ray")
+    trial.add_argument("spec", help="sweep spec YAML")
+    trial.add_argument("--index", type=int, default=0, help="which of the spec's trials, numbered as --dry-run lists them")
+    trial.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting of that trial (after the grid's values)")
+    trial.add_argument("--no-track", action="store_true", help="print results only, no MLflow")
+    trial.add_argument("--workdir", default=None, help="where the trial keeps its stages (default itl_runs/trials/<id>)")
+
+    synth = commands.add_parser("synth", help="write the embedded mini-benchmark")
+    synth.add_argument("out_dir")
+    synth.add_argument("--seed", type=int, default=0)
+
+    labels = commands.add_parser("labels", help="write a WordNet label set as TSV")
+    labels.add_argument("name", help="fine, up_down_<N>, down_up_<N>, pascal_removed, or a split name")
+    labels.add_argument("--classes", default=None, help="file of wnids, one per line (default: ILSVRC-2012's 1000)")
+    labels.add_argument("-o", "--out", default=None, help="output TSV (default: standard output)")
+    return parser
+
+
+def command_sweep(args) -> int:
+    from itl_ray.config import load_spec, parse_overrides
+    from itl_ray.sweep import dry_run, results_table, run_sweep
+
+    spec = load_spec(args.spec, parse_overrides(args.overrides))
+    if args.dry_run:
+        print(dry_run(spec))
+        return 0
+    started = time.time()
+    rows = run_sweep(spec, resume=args.resume)
+    print()
+    print(results_table(rows))
+    print(f"\n{len(rows)} trials in {time.time() - started:.0f} s; open the runs with: "
+          "mlflow ui --backend-store-uri <tracking URI printed above>")
+    errors = [row for row in rows if "error" in row]
+    for row in errors:
+        print(f"error: trial {row['name']} failed: {row['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def command_trial(args) -> int:
+    from itl_ray.config import load_spec, override, parse_overrides, trial_id
+    from itl_ray.sweep import ordered_trials
+    from itl_ray.trial import FINAL_METRICS, run_trial
+
+    trials = ordered_trials(load_spec(args.spec))
+    if not 0 <= args.index < len(trials):
+        raise UserError(f"--index {args.index}: {args.spec} has trials 0..{len(trials) - 1}")
+    config = override(trials[args.index], parse_overrides(args.overrides))
+    tid = trial_id(config)
+    workdir = Path(args.workdir) if args.workdir else Path("itl_runs/trials") / tid
+    if args.no_track:
+        def report(kind, payload, step):
+            pass
+        final = run_trial(config, workdir, report)
+    else:
+        from itl_ray.tracking import Tracker
+
+        tracker = Tracker(config.name)
+        run_id = tracker.trial_run(tid, f"trial-{tid}", None)
+
+        def report(kind, payload, step):
+            if kind == "params":
+                tracker.log_params(run_id, payload)
+            else:
+                tracker.log_metrics(run_id, payload, step)
+
+        try:
+            final = run_trial(config, workdir, report)
+        except BaseException:
+            tracker.finish(run_id, failed=True)
+            raise
+        tracker.finish(run_id)
+        print(f"MLflow run {run_id} in {tracker.uri}")
+    print("  ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    return 0
+
+
+def command_synth(args) -> int:
+    from itl_ray.datasets.synthetic import synthesize
+
+    started = time.time()
+
+    def progress(done, total):
+        print(f"\rsynth: {done}/{total} images", end="" if done < total else "\n", flush=True)
+
+    out = synthesize(args.out_dir, seed=args.seed, progress=progress)
+    print(f"mini-benchmark in {out} ({time.time() - started:.1f} s)")
+    return 0
+
+
+def command_labels(args) -> int:
+    from itl_ray.wordnet import write_label_set
+
+    write_label_set(args.name, args.classes, args.out)
+    return 0
+
+
+COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_synth, "labels": command_labels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

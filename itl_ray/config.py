@@ -1,0 +1,297 @@
+"""The typed config tree: sweep spec YAML -> validated frozen dataclasses, with dotted overrides.
+
+A sweep spec is a YAML mapping with the trial config's sections (``data``, ``model``,
+``pretrain``, ``transfer``, ...) plus the sweep's own keys (``grid``, ``extra_trials``,
+``resources``, ...). Every key is declared once, here or in the stage module that reads it, with
+its type and default; unknown keys and wrong types are errors that name the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itl_ray.errors import UserError
+from itl_ray.pretrain import PretrainConfig
+from itl_ray.transfer.action import ActionConfig
+from itl_ray.transfer.detection import DetectionConfig
+from itl_ray.transfer.scene import SceneConfig
+
+DEFAULT_MINI = "data/mini"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset roots (local paths). Defaults: the generated mini-benchmark written by `make demo`."""
+
+    imagenet: str = f"{DEFAULT_MINI}/ILSVRC2012"  # holds train/<wnid>/ and val/<wnid>/
+    voc2007: str = f"{DEFAULT_MINI}/VOCdevkit"  # VOCdevkit (holding VOC2007/) or VOC2007 itself
+    voc2012: str = f"{DEFAULT_MINI}/VOCdevkit"  # VOCdevkit (holding VOC2012/) or VOC2012 itself
+    sun397: str = f"{DEFAULT_MINI}/SUN397"  # holds <letter>/<scene>/ and Partitions/
+    sun397_partition: int = 1  # which of the 10 official train/test partitions
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """AlexNet size. The study: width 1.0 at 227 px; the mini-benchmark runs a narrow, small one."""
+
+    width: float = 1.0  # channel multiplier of every layer
+    resolution: int = 227  # square input side for pretraining and classification transfer (px)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """The three transfer evaluations; each fine-tunes the whole pretrained network."""
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    action: ActionConfig = field(default_factory=ActionConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial depends on: a trial is a pure function of this."""
+
+    name: str = "itl_ray"  # the sweep's name: the MLflow experiment
+    seed: int = 0  # seeds the subset, the initialisation and every fine-tuning
+    device: str = "auto"  # auto (cuda when there is one), cpu or cuda
+    threads: int = 0  # torch CPU threads for this trial; 0: torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractions let small trials share a GPU
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep: a base trial config, a grid over dotted keys, and extra trials (e.g. the control)."""
+
+    trial: TrialConfig
+    grid: dict[str, list] = field(default_factory=dict)
+    extra_trials: list[dict] = field(default_factory=list)
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent_trials: int = 0  # 0: as many as the resources allow
+    max_failures: int = 1  # retries of a failed trial
+    storage: str = "itl_runs/ray"  # Ray Tune's results and checkpoints
+
+    def trials(self) -> list[TrialConfig]:
+        """The grid's trials (in grid order), then the extra trials."""
+        keys = list(self.grid)
+        base = to_dict(self.trial)
+        trials = []
+        for values in itertools.product(*(self.grid[key] for key in keys)):
+            trials.append(_apply(base, dict(zip(keys, values)), "grid"))
+        for index, extra in enumerate(self.extra_trials):
+            trials.append(_apply(base, extra, f"extra_trials[{index}]"))
+        return trials
+
+
+SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"trial"}
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with validation
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", str(kind).replace("typing.", ""))
+
+
+def _convert(value: Any, kind: Any, path: str) -> Any:
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping of {_type_name(kind)} keys, got {value!r}")
+        return from_dict(kind, value, path)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except UserError:
+                continue
+        raise UserError(f"{path}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(kind) or (Any,)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{path}: expected a list, got {value!r}")
+        item = typing.get_args(kind)[0]
+        return tuple(_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(kind)
+        return {str(k): _convert(v, item, f"{path}.{k}") for k, v in value.items()}
+    if kind is Any:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise UserError(f"{path}: expected {_type_name(kind)}, got {value!r}")
+    if kind in (int, float, str, bool) and not isinstance(value, kind):
+        raise UserError(f"{path}: expected {_type_name(kind)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, path: str = ""):
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types name their key path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise UserError(f"unknown key {where!r}; known keys here: {', '.join(sorted(names))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _convert(data[f.name], hints[f.name], f"{path}.{f.name}" if path else f.name)
+    instance = cls(**values)
+    check = getattr(instance, "validate", None)
+    if check:
+        check(path)
+    return instance
+
+
+def to_dict(instance) -> dict:
+    """A plain, JSON-ready mapping of a config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(instance)))
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params)."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating sections as needed."""
+    *parents, last = dotted.split(".")
+    node = mapping
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{dotted}: {part!r} is a value, not a section")
+        node = child
+    node[last] = value
+
+
+def _apply(base: dict, overrides: dict, where: str) -> TrialConfig:
+    merged = json.loads(json.dumps(base))
+    for dotted, value in overrides.items():
+        set_dotted(merged, dotted, value)
+    try:
+        return from_dict(TrialConfig, merged)
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+
+
+def override(config: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """A trial config with ``--set`` overrides applied (relative data paths made absolute)."""
+    updated = _apply(to_dict(config), overrides, "--set")
+    return dataclasses.replace(updated, data=_absolute_paths(updated.data))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}``; values are read as YAML scalars."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set pretrain.epochs=10")
+        overrides[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return overrides
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep spec file; relative data paths become absolute (trials run
+    in other working directories)."""
+    import yaml
+
+    spec_path = Path(path)
+    if not spec_path.is_file():
+        raise UserError(f"spec file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(spec_path.read_text())
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"spec file {str(path)!r} is not valid YAML: {problem}{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"spec file {str(path)!r} must hold a YAML mapping of settings")
+    for dotted, value in (overrides or {}).items():
+        if dotted.startswith("grid."):  # grid keys are themselves dotted: grid.pretrain.epochs=[1, 2]
+            grid = raw.setdefault("grid", {})
+            if not isinstance(grid, dict):
+                raise UserError(f"--set {dotted}: the spec's grid is not a mapping")
+            grid[dotted[len("grid."):]] = value
+        else:
+            set_dotted(raw, dotted, value)
+    sweep_part = {key: raw.pop(key) for key in list(raw) if key in SWEEP_KEYS}
+    trial = from_dict(TrialConfig, raw)
+    trial = dataclasses.replace(trial, data=_absolute_paths(trial.data))
+    spec = from_dict(SweepSpec, {**sweep_part, "trial": to_dict(trial)})
+    for dotted in spec.grid:
+        if not spec.grid[dotted]:
+            raise UserError(f"grid.{dotted}: the list of values is empty")
+    spec.trials()  # validates every grid point and extra trial now, naming the bad one
+    return spec
+
+
+def _absolute_paths(data: DataConfig) -> DataConfig:
+    def absolute(value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().resolve())
+
+    return dataclasses.replace(
+        data,
+        imagenet=absolute(data.imagenet),
+        voc2007=absolute(data.voc2007),
+        voc2012=absolute(data.voc2012),
+        sun397=absolute(data.sun397),
+    )
+
+
+def trial_id(config: TrialConfig) -> str:
+    """A short stable id of a trial config (identity of its MLflow run and checkpoint folder)."""
+    text = json.dumps(to_dict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def trial_name(config: TrialConfig, varying: list[str]) -> str:
+    """A readable name from the keys a sweep varies, e.g. ``num_classes=10,images_per_class=40``."""
+    flat = flatten(to_dict(config))
+    parts = [f"{key.rsplit('.', 1)[-1]}={flat[key]}" for key in varying if key in flat]
+    return ",".join(parts) or "trial"

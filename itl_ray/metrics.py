@@ -1,0 +1,222 @@
+"""The transfer tasks' metrics: PASCAL VOC average precision, mean AP, accuracy.
+
+Every function returns a fraction in 0..1 (or NaN where the metric is undefined, see each
+docstring); callers multiply by 100 to report percent, as the study does.
+
+Average precision follows the PASCAL VOC development kit:
+- ``voc07_ap``: the VOC 2007 metric, the mean of the interpolated precision at the eleven recall
+  levels 0, 0.1, ..., 1 (the study's PASCAL-DET numbers use it).
+- ``voc_area_ap``: the VOC 2010+ metric, the area under the monotone precision envelope.
+- ``detection_ap``: the devkit's detection protocol for one class (greedy matching at IoU >= 0.5,
+  ``difficult`` objects ignored, duplicates false positives).
+
+One deliberate difference from the devkit code: the eleven recall levels are the exact
+fractions k/10. The devkit builds them with ``0:0.1:1`` (MATLAB) or ``np.arange(0, 1.1, 0.1)``
+(its Python ports), where 3 * 0.1 is 0.30000000000000004, so a recall of exactly 0.3 (3 of 10
+positives found) does not reach that level there and does here. The two agree whenever no
+recall lands exactly on one of those levels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+# A box in VOC pixel coordinates: (xmin, ymin, xmax, ymax), both corners inclusive.
+Box = tuple[float, float, float, float]
+# A detection of one class: (image_id, score, box).
+Detection = tuple[str, float, Box]
+# A ground-truth object of that class: (box, difficult).
+GroundTruthObject = tuple[Box, bool]
+
+# The eleven recall levels of the VOC 2007 metric, as exact fractions (see the module docstring).
+ELEVEN_RECALL_LEVELS = tuple(level / 10 for level in range(11))
+
+
+def _array(values, dtype) -> np.ndarray:
+    """A 1-d numpy array from a list, a numpy array or a (possibly GPU) tensor."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=dtype).reshape(-1)
+
+
+def voc07_ap(recall, precision) -> float:
+    """VOC 2007 11-point interpolated AP.
+
+    ``recall`` and ``precision`` are the values after each entry of the ranking (recall
+    non-decreasing). At each level t in 0, 0.1, ..., 1 the interpolated precision is the best
+    precision reached at any recall >= t (0 when recall never reaches t); AP is their mean.
+    """
+    recall = _array(recall, np.float64)
+    precision = _array(precision, np.float64)
+    if recall.shape != precision.shape:
+        raise ValueError(f"recall has {recall.size} values, precision {precision.size}")
+    total = 0.0
+    for level in ELEVEN_RECALL_LEVELS:
+        reached = recall >= level
+        total += float(precision[reached].max()) if reached.any() else 0.0
+    return total / len(ELEVEN_RECALL_LEVELS)
+
+
+def voc_area_ap(recall, precision) -> float:
+    """VOC 2010+ AP: area under the precision envelope (precision made non-increasing in recall).
+
+    As the devkit does, the curve starts at recall 0 and ends at recall 1 with precision 0, the
+    envelope at each point is the best precision at that recall or beyond, and the area sums
+    the envelope over the recall steps.
+    """
+    recall = _array(recall, np.float64)
+    precision = _array(precision, np.float64)
+    if recall.shape != precision.shape:
+        raise ValueError(f"recall has {recall.size} values, precision {precision.size}")
+    recall = np.concatenate(([0.0], recall, [1.0]))
+    precision = np.concatenate(([0.0], precision, [0.0]))
+    for index in range(len(precision) - 2, -1, -1):
+        precision[index] = max(precision[index], precision[index + 1])
+    steps = np.nonzero(recall[1:] != recall[:-1])[0]
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def _ap_from_ranking(is_true: np.ndarray, is_false: np.ndarray, positives: int, eleven_point: bool) -> float:
+    """AP of a ranking already sorted best first, given which entries count as true / false
+    positives (an entry that is neither is ignored) and the number of positives to find."""
+    if positives == 0:
+        return math.nan
+    true_positives = np.cumsum(is_true, dtype=np.float64)
+    false_positives = np.cumsum(is_false, dtype=np.float64)
+    recall = true_positives / positives
+    # The devkit divides by tp + fp with no guard: a leading run of ignored entries gives 0/0.
+    # Those entries never change recall, so their precision only matters through the envelope;
+    # counting it as 0 leaves every interpolated value unchanged.
+    counted = true_positives + false_positives
+    precision = np.divide(true_positives, counted, out=np.zeros_like(counted), where=counted > 0)
+    return voc07_ap(recall, precision) if eleven_point else voc_area_ap(recall, precision)
+
+
+def _best_first(scores: np.ndarray) -> np.ndarray:
+    """Indices that sort scores from highest to lowest; equal scores keep their input order
+    (a stable sort, so results do not depend on the sorting algorithm)."""
+    return np.argsort(-scores, kind="stable")
+
+
+def average_precision(scores, labels, *, eleven_point: bool, ignore=None) -> float:
+    """AP of a ranking: the entries sorted by ``scores`` (highest first), ``labels`` 1 for a
+    positive and 0 for a negative.
+
+    ``ignore`` (optional booleans, one per entry) marks entries that are neither positives nor
+    negatives, like the devkit's "difficult" examples (label 0 in the VOC classification and
+    action ground truth files): they do not change recall or precision. Returns NaN when there is
+    no positive (AP is undefined); ``mean_ap`` skips such classes.
+    """
+    scores = _array(scores, np.float64)
+    labels = _array(labels, np.int64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 1 (positive) or 0 (negative); use ignore= to leave entries out")
+    ignored = np.zeros(labels.shape, dtype=bool) if ignore is None else _array(ignore, bool)
+    if ignored.shape != labels.shape:
+        raise ValueError(f"{labels.size} labels but {ignored.size} ignore flags")
+    order = _best_first(scores)
+    labels, ignored = labels[order], ignored[order]
+    is_true = (labels == 1) & ~ignored
+    is_false = (labels == 0) & ~ignored
+    return _ap_from_ranking(is_true, is_false, int(is_true.sum()), eleven_point)
+
+
+def box_iou_voc(box: Box, others: np.ndarray) -> np.ndarray:
+    """IoU of one box with each row of ``others`` (Nx4) in VOC's pixel convention: corners are
+    inclusive, so a box from x1 to x2 is x2 - x1 + 1 pixels wide. Disjoint boxes give 0."""
+    others = np.asarray(others, dtype=np.float64).reshape(-1, 4)
+    inter_width = np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]) + 1
+    inter_height = np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]) + 1
+    overlapping = (inter_width > 0) & (inter_height > 0)
+    intersection = np.where(overlapping, inter_width * inter_height, 0.0)
+    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    other_areas = (others[:, 2] - others[:, 0] + 1) * (others[:, 3] - others[:, 1] + 1)
+    union = area + other_areas - intersection
+    return np.where(overlapping, intersection / np.where(overlapping, union, 1.0), 0.0)
+
+
+def detection_ap(
+    detections: Sequence[Detection],
+    ground_truth: Mapping[str, Sequence[GroundTruthObject]],
+    iou_threshold: float = 0.5,
+    eleven_point: bool = True,
+) -> float:
+    """AP of one class's detections, the PASCAL VOC devkit's protocol (VOCevaldet).
+
+    ``detections``: (image_id, score, box) over all test images; ``ground_truth``: per image id,
+    this class's objects as (box, difficult). Boxes are VOC pixel coordinates.
+
+    Detections are taken from the highest score down. Each is compared with every object of
+    its image and goes to the one it overlaps most (the first on ties). If that IoU is below
+    ``iou_threshold`` it is a false positive; otherwise: a difficult object makes it neither
+    true nor false positive (it is dropped), an object not yet detected makes it a true positive
+    and marks the object, an object already detected makes it a false positive (a duplicate).
+    As in the devkit, the best-overlapping object decides, even when another object it also
+    overlaps enough is still free. Difficult objects do not count among the positives.
+    Returns NaN when the class has no non-difficult object (AP is undefined).
+    """
+    gt_boxes = {image_id: np.array([box for box, _ in objects], dtype=np.float64).reshape(-1, 4)
+                for image_id, objects in ground_truth.items()}
+    gt_difficult = {image_id: np.array([difficult for _, difficult in objects], dtype=bool)
+                    for image_id, objects in ground_truth.items()}
+    gt_detected = {image_id: np.zeros(len(objects), dtype=bool) for image_id, objects in ground_truth.items()}
+    positives = int(sum((~flags).sum() for flags in gt_difficult.values()))
+
+    scores = np.array([score for _, score, _ in detections], dtype=np.float64)
+    is_true = np.zeros(len(detections), dtype=bool)
+    is_false = np.zeros(len(detections), dtype=bool)
+    for rank, index in enumerate(_best_first(scores)):
+        image_id, _, box = detections[index]
+        boxes = gt_boxes.get(image_id)
+        if boxes is None or len(boxes) == 0:
+            is_false[rank] = True
+            continue
+        overlaps = box_iou_voc(box, boxes)
+        best = int(np.argmax(overlaps))
+        if overlaps[best] < iou_threshold:
+            is_false[rank] = True
+        elif gt_difficult[image_id][best]:
+            pass  # neither a true nor a false positive
+        elif not gt_detected[image_id][best]:
+            is_true[rank] = True
+            gt_detected[image_id][best] = True
+        else:
+            is_false[rank] = True  # a second detection of an object already found
+    return _ap_from_ranking(is_true, is_false, positives, eleven_point)
+
+
+def mean_ap(aps: Iterable[float]) -> float:
+    """Mean of per-class APs, skipping NaN (classes without positives, whose AP is undefined).
+    NaN when no class has an AP. Callers that skip classes should say which."""
+    defined = [float(ap) for ap in aps if not math.isnan(float(ap))]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of predictions (class indices) equal to the labels."""
+    predictions = _array(predictions, np.int64)
+    labels = _array(labels, np.int64)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
+    if labels.size == 0:
+        raise ValueError("accuracy of no examples is undefined")
+    return float((predictions == labels).mean())
+
+
+def mean_per_class_accuracy(predictions, labels) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of that class predicted
+    right (balanced accuracy): every class weighs the same however many examples it has."""
+    predictions = _array(predictions, np.int64)
+    labels = _array(labels, np.int64)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
+    if labels.size == 0:
+        raise ValueError("accuracy of no examples is undefined")
+    per_class = [float((predictions[labels == label] == label).mean()) for label in np.unique(labels)]
+    return sum(per_class) / len(per_class)

@@ -1,0 +1,71 @@
+"""VOC 2012 action classification (PASCAL-ACT-CLS): the person boxes are given; fine-tune on the
+train persons, report the mean over the ten actions of the AP on the val persons (VOC 2012's
+area-under-curve AP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from itl_ray import loader, metrics
+from itl_ray.datasets.voc import ACTION_CLASSES, VocImage
+from itl_ray.errors import UserError
+from itl_ray.models import AlexNet
+from itl_ray.pretrain import resize_for
+from itl_ray.transfer.finetune import FinetuneConfig, finetune, predict
+
+
+@dataclass(frozen=True)
+class ActionConfig(FinetuneConfig):
+    """Fine-tuning settings for VOC 2012 actions."""
+
+    context: float = 1.2  # the person box is enlarged by this factor around its centre
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.context < 1.0:
+            raise UserError(f"{path}.context must be >= 1.0")
+
+
+def person_crops(images: list[VocImage], size: int, context: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each annotated person as a ``size`` x ``size`` crop (box enlarged by ``context``), and a
+    multi-hot matrix of its actions."""
+    crops, targets = [], []
+    for image in images:
+        if not image.objects:
+            continue
+        pixels = loader.decode_rgb(image.path)
+        height, width = pixels.shape[-2:]
+        for person in image.objects:
+            xmin, ymin, xmax, ymax = person.box
+            cx, cy = (xmin + xmax) / 2 - 1, (ymin + ymax) / 2 - 1
+            half_w, half_h = context * (xmax - xmin + 1) / 2, context * (ymax - ymin + 1) / 2
+            x0, x1 = max(0, int(cx - half_w)), min(width, int(cx + half_w) + 1)
+            y0, y1 = max(0, int(cy - half_h)), min(height, int(cy + half_h) + 1)
+            crop = pixels[:, y0:y1, x0:x1][None].float()
+            resized = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear",
+                                                      antialias=True, align_corners=False)
+            crops.append(resized[0].round().clamp(0, 255).to(torch.uint8))
+            targets.append([1.0 if action in person.actions else 0.0 for action in ACTION_CLASSES])
+    if not crops:
+        raise UserError("the VOC 2012 action split holds no annotated persons")
+    return torch.stack(crops), torch.tensor(targets)
+
+
+def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage], config: ActionConfig,
+                    device: torch.device, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
+    size = resize_for(backbone.resolution)
+    train_x, train_y = person_crops(train, size, config.context)
+    val_x, val_y = person_crops(val, size, config.context)
+    model = finetune(backbone, train_x, train_y, len(ACTION_CLASSES), config, device, seed,
+                     multi_label=True, log=log, task="voc12_action")
+    scores = predict(model, val_x, device)
+    aps = {
+        action: metrics.average_precision(scores[:, column].numpy(), val_y[:, column].numpy(), eleven_point=False)
+        for column, action in enumerate(ACTION_CLASSES)
+    }
+    result = {f"voc12_act_ap_{action}": 100 * ap for action, ap in aps.items() if ap == ap}
+    result["voc12_act_map"] = 100 * metrics.mean_ap(aps.values())  # actions without val positives skipped
+    return result

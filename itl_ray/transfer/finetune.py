@@ -1,0 +1,96 @@
+"""Fine-tuning a pretrained AlexNet as a classifier: the loop shared by the action and scene tasks.
+
+The study fine-tuned every layer. Defaults follow the common recipe of that time: a new fc8,
+learning rate 0.001 for the pretrained layers and ten times that for fc8, momentum 0.9, weight
+decay 5e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from itl_ray import loader
+from itl_ray.errors import UserError
+from itl_ray.models import AlexNet
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 64  # images per SGD step
+    lr: float = 0.001  # pretrained layers; the new fc8 uses 10x
+    lr_drop_every: int = 20  # epochs; divided by 10
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def validate(self, path: str) -> None:
+        for key in ("epochs", "batch_size", "lr_drop_every"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{path}.{key} must be >= 1")
+
+
+def finetune(
+    backbone: AlexNet,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    num_outputs: int,
+    config: FinetuneConfig,
+    device: torch.device,
+    seed: int,
+    multi_label: bool = False,
+    log: Callable[[str], None] = print,
+    task: str = "finetune",
+) -> AlexNet:
+    """A copy of ``backbone`` with a new ``num_outputs``-way fc8, trained on uint8 images (NxCxSxS,
+    S >= the model's resolution; random crops + flips). ``targets``: class indices, or multi-hot
+    floats when ``multi_label``."""
+    model = copy.deepcopy(backbone)
+    model.replace_classifier(num_outputs)
+    model.to(device)
+    head = list(model.fc8.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.SGD(
+        [{"params": body, "lr": config.lr}, {"params": head, "lr": 10 * config.lr}],
+        momentum=config.momentum, weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_drop_every, gamma=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(images), generator=generator)
+        total, steps = 0.0, 0
+        for start in range(0, len(images), config.batch_size):
+            index = order[start : start + config.batch_size]
+            batch = loader.random_crops(images[index], model.resolution, generator)
+            logits = model(loader.normalize(batch.to(device)))
+            target = targets[index].to(device)
+            if multi_label:
+                loss = F.binary_cross_entropy_with_logits(logits, target)
+            else:
+                loss = F.cross_entropy(logits, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            steps += 1
+        scheduler.step()
+        if epoch == config.epochs or epoch % 10 == 0:
+            log(f"{task}: epoch {epoch}/{config.epochs} loss {total / max(1, steps):.3f}")
+    return model
+
+
+@torch.no_grad()
+def predict(model: AlexNet, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """Logits for center crops of uint8 images."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = loader.center_crops(images[start : start + batch_size], model.resolution)
+        outputs.append(model(loader.normalize(batch.to(device))).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)

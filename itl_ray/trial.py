@@ -1,0 +1,198 @@
+"""One trial: choose the subset and labels, pretrain AlexNet, run the three transfer evaluations.
+
+A trial is a pure function of its config. Its working folder keeps each stage's result (written
+atomically), so a rerun of the same config skips finished stages: pretraining resumes from its
+last epoch checkpoint, and a finished transfer evaluation is not run again.
+
+This module imports neither Ray nor MLflow: ``report`` is how results leave it (Ray Tune in a
+sweep, MLflow or the terminal for ``itl-ray trial``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from itl_ray import loader, subsets, wordnet
+from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
+from itl_ray.datasets.imagenet import ImageNet, read_imagenet
+from itl_ray.datasets.sun397 import Sun397, read_sun397
+from itl_ray.datasets.voc import read_voc2007_detection, read_voc2012_actions
+from itl_ray.errors import UserError
+from itl_ray.models import AlexNet
+from itl_ray.pretrain import pretrain, resize_for, top1
+from itl_ray.transfer.action import evaluate_action
+from itl_ray.transfer.detection import evaluate_detection
+from itl_ray.transfer.scene import evaluate_scene
+
+# The four headline metrics, in percent.
+FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
+
+# report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
+# step = epoch) or "final" (all final metrics).
+Report = Callable[[str, dict, int | None], None]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda, but torch sees no GPU here; use device=auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+@dataclass
+class StageStore:
+    """The trial's working folder: a JSON file of finished stages' results, written atomically."""
+
+    folder: Path
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "stages.json"
+
+    def load(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def save(self, stage: str, result: dict) -> None:
+        stages = self.load()
+        stages[stage] = result
+        temporary = self.path.with_name("stages.json.tmp")
+        temporary.write_text(json.dumps(stages, indent=1, sort_keys=True))
+        os.replace(temporary, self.path)
+
+
+def label_set_hash(mapping: dict[str, str]) -> str:
+    text = "\n".join(f"{wnid}\t{group}" for wnid, group in mapping.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything a trial reads from disk, validated."""
+
+    imagenet: ImageNet
+    subset: subsets.Subset
+    mapping: dict[str, str]  # label set over the subset's classes: wnid -> group wnid
+    voc07_trainval: list
+    voc07_test: list
+    voc12_train: list
+    voc12_val: list
+    sun: Sun397
+
+
+def read_inputs(config: TrialConfig) -> Inputs:
+    """Read and validate every dataset, the subset and the label set, so that a wrong path or an
+    impossible setting fails before any training (the sweep calls this for every trial first)."""
+    pre = config.pretrain
+    imagenet = read_imagenet(config.data.imagenet)
+    # The label set belongs to the data's classes (up_down_127 is a grouping of all 1000); sets
+    # that leave classes out (pascal_removed, split halves) limit what the subset draws from.
+    full_mapping = wordnet.label_set(pre.label_set, list(imagenet.classes))
+    subset = subsets.select(imagenet, pre.num_classes, pre.images_per_class, config.seed, pre.shortfall,
+                            allowed=set(full_mapping))
+    return Inputs(
+        imagenet=imagenet,
+        subset=subset,
+        mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
+        voc07_trainval=read_voc2007_detection(config.data.voc2007, "trainval"),
+        voc07_test=read_voc2007_detection(config.data.voc2007, "test"),
+        voc12_train=read_voc2012_actions(config.data.voc2012, "train"),
+        voc12_val=read_voc2012_actions(config.data.voc2012, "val"),
+        sun=read_sun397(config.data.sun397, config.data.sun397_partition),
+    )
+
+
+def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
+    """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
+    started = time.time()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=1, sort_keys=True))
+    store = StageStore(workdir)
+    stages = store.load()
+
+    inputs = read_inputs(config)
+    imagenet, subset, mapping = inputs.imagenet, inputs.subset, inputs.mapping
+    voc07_trainval, voc07_test, voc12_train, voc12_val, sun = (
+        inputs.voc07_trainval, inputs.voc07_test, inputs.voc12_train, inputs.voc12_val, inputs.sun)
+    pre = config.pretrain
+    groups = sorted(set(mapping.values()))
+    group_index = {group: i for i, group in enumerate(groups)}
+    params = {
+        **flatten(to_dict(config)),
+        "trial_id": trial_id(config),
+        "num_classes": len(groups),
+        "source_classes": len(subset.classes),
+        "images_per_class": pre.images_per_class,
+        "label_set": pre.label_set,
+        "label_set_hash": label_set_hash(mapping),
+        "seed": config.seed,
+        "subset_hash": subset.subset_hash if pre.images_per_class else "none",
+        "pretrain_images": len(subset.images),
+        "shortfall_classes": len(subset.shortfall),
+        "shortfall_images": sum(subset.shortfall.values()),
+        "device": device.type,
+    }
+    report("params", params, None)
+
+    torch.manual_seed(config.seed)
+    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
+    size = resize_for(config.model.resolution)
+    backbone_file = workdir / "backbone.pt"
+    val_images = [image for image in imagenet.val if image.label in mapping]
+    if "pretrain" in stages and backbone_file.is_file():
+        model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
+        log("pretrain: done earlier, weights loaded")
+    else:
+        log(f"trial {params['trial_id']}: {len(groups)} classes, {len(subset.images)} images, device {device}")
+        val_x = loader.load_squares([image.path for image in val_images], size)
+        val_y = torch.tensor([group_index[mapping[image.label]] for image in val_images])
+        if pre.images_per_class == 0:
+            result = {"pretrain_top1": 100 * top1(model.to(device), val_x, val_y, device)}
+            log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
+        else:
+            train_x = loader.load_squares([image.path for image in subset.images], size)
+            train_y = torch.tensor([group_index[mapping[image.label]] for image in subset.images])
+            result = pretrain(
+                model, train_x, train_y, val_x, val_y, pre, device, config.seed, workdir / "pretrain.pt",
+                on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
+            )
+        torch.save(model.cpu().state_dict(), backbone_file)
+        store.save("pretrain", result)
+        stages = store.load()
+    model.to(device)
+
+    transfers = {
+        "detection": lambda: evaluate_detection(model, voc07_trainval, voc07_test, config.transfer.detection,
+                                                device, config.seed, log=log),
+        "action": lambda: evaluate_action(model, voc12_train, voc12_val, config.transfer.action,
+                                          device, config.seed, log=log),
+        "scene": lambda: evaluate_scene(model, sun, config.transfer.scene, device, config.seed, log=log),
+    }
+    for stage, evaluate in transfers.items():
+        if stage in stages:
+            log(f"{stage}: done earlier")
+            continue
+        stage_started = time.time()
+        result = evaluate()
+        result[f"{stage}_seconds"] = time.time() - stage_started
+        store.save(stage, result)
+        stages = store.load()
+
+    final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
+    final["trial_seconds"] = time.time() - started
+    report("final", final, None)
+    log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    return final

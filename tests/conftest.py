@@ -1,0 +1,54 @@
+"""Shared fixtures: a small mini-benchmark in the real on-disk formats, made once per session by the
+same generator as the demo's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
+
+SMALL = Sizes(train_per_class=12, val_per_class=3, voc07_trainval=24, voc07_test=24,
+              voc12_train=20, voc12_val=20, sun_per_scene=4)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def mini(tmp_path_factory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("bench") / "mini", seed=0, sizes=SMALL)
+
+
+@pytest.fixture(scope="session")
+def mini_paths(mini) -> dict[str, str]:
+    return dataset_paths(mini)
+
+
+def tiny_spec(path: Path, paths: dict[str, str], extra: str = "") -> Path:
+    """A sweep spec that trains for seconds: 2 trials (one pretrained, one random-init control)."""
+    path.write_text(f"""
+name: tiny
+seed: 0
+threads: 1
+data:
+  imagenet: {paths['imagenet']}
+  voc2007: {paths['voc2007']}
+  voc2012: {paths['voc2012']}
+  sun397: {paths['sun397']}
+model: {{width: 0.125, resolution: 48}}
+pretrain: {{epochs: 2, batch_size: 16, lr: 0.02}}
+transfer:
+  detection: {{epochs: 1, image_size: 64, max_size: 96}}
+  action: {{epochs: 1, batch_size: 16}}
+  scene: {{epochs: 1, batch_size: 16}}
+grid:
+  pretrain.num_classes: [4]
+  pretrain.images_per_class: [8]
+extra_trials:
+  - {{pretrain.images_per_class: 0, pretrain.num_classes: 4}}
+resources: {{cpus_per_trial: 1}}
+max_concurrent_trials: 2
+{extra}
+""")
+    return path

@@ -1,0 +1,85 @@
+"""The mini-benchmark in the real layouts, read back by the readers that read the real data."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from itl_ray.datasets.imagenet import read_imagenet
+from itl_ray.datasets.sun397 import read_sun397
+from itl_ray.datasets.synthetic import MINI_CLASSES, SUN_SCENES, synthesize
+from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES, read_voc2007_detection, read_voc2012_actions
+from itl_ray.errors import UserError
+from tests.conftest import SMALL
+
+
+def test_imagenet_layout(mini, mini_paths):
+    data = read_imagenet(mini_paths["imagenet"])
+    assert data.classes == tuple(sorted(MINI_CLASSES))
+    assert len(data.train) == 40 * SMALL.train_per_class and len(data.val) == 40 * SMALL.val_per_class
+    assert (mini / "ILSVRC2012" / "train" / "n02085620" / "n02085620_1.JPEG").is_file()
+    assert all(image.path.endswith(".JPEG") for image in data.val)
+
+
+def test_voc2007_layout(mini_paths):
+    trainval = read_voc2007_detection(mini_paths["voc2007"], "trainval")
+    test = read_voc2007_detection(mini_paths["voc2007"], "test")
+    assert len(trainval) == SMALL.voc07_trainval and len(test) == SMALL.voc07_test
+    objects = [obj for image in trainval + test for obj in image.objects]
+    assert objects and all(obj.name in VOC_CLASSES for obj in objects)
+    for image in trainval:
+        for obj in image.objects:
+            xmin, ymin, xmax, ymax = obj.box
+            assert 1 <= xmin <= xmax <= image.width and 1 <= ymin <= ymax <= image.height
+            if obj.difficult:
+                assert min(xmax - xmin, ymax - ymin) < 26
+
+
+def test_voc2012_actions_layout(mini, mini_paths):
+    train = read_voc2012_actions(mini_paths["voc2012"], "train")
+    persons = [obj for image in train for obj in image.objects]
+    assert persons and all(obj.name == "person" and len(obj.actions) == 1 for obj in persons)
+    assert {a for p in persons for a in p.actions} <= set(ACTION_CLASSES)
+    # The per-action lists agree with the XML flags.
+    lines = (mini / "VOCdevkit/VOC2012/ImageSets/Action/jumping_train.txt").read_text().splitlines()
+    positives = sum(1 for line in lines if line.split()[2] == "1")
+    assert positives == sum(1 for p in persons if "jumping" in p.actions)
+
+
+def test_sun397_layout(mini_paths):
+    data = read_sun397(mini_paths["sun397"], partition=3)
+    assert data.classes == SUN_SCENES
+    half = SMALL.sun_per_scene // 2
+    assert len(data.train) == len(data.test) == len(SUN_SCENES) * half
+    assert not {i.path for i in data.train} & {i.path for i in data.test}
+
+
+def test_synth_is_deterministic_and_refuses_other_settings(tmp_path, mini):
+    again = synthesize(tmp_path / "again", seed=0, sizes=SMALL)
+    first = sorted(p.relative_to(mini) for p in mini.rglob("*") if p.is_file())
+    second = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert first == second
+    sample = "VOCdevkit/VOC2007/JPEGImages/000003.jpg"
+    assert (mini / sample).read_bytes() == (again / sample).read_bytes()
+    with pytest.raises(UserError, match="other settings"):
+        synthesize(again, seed=1, sizes=SMALL)
+
+
+def test_bad_layouts_are_named(tmp_path, mini):
+    with pytest.raises(UserError, match="does not exist"):
+        read_imagenet(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="train/<wnid>"):
+        read_imagenet(tmp_path / "empty")
+    broken = tmp_path / "voc"
+    shutil.copytree(mini / "VOCdevkit" / "VOC2007", broken / "VOC2007")
+    (broken / "VOC2007" / "Annotations" / "000001.xml").write_text("<annotation><size>")
+    with pytest.raises(UserError, match="000001.xml is not a readable VOC annotation"):
+        read_voc2007_detection(broken, "trainval")
+    sun = tmp_path / "sun"
+    shutil.copytree(mini / "SUN397", sun)
+    listed = (sun / "Partitions" / "Training_01.txt").read_text().split()[0]
+    (sun / listed.lstrip("/")).unlink()
+    with pytest.raises(UserError, match=f"Training_01.txt names {listed}"):
+        read_sun397(sun, 1)

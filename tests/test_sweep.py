@@ -1,0 +1,45 @@
+"""A real 2-trial sweep through Ray Tune into a sqlite MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_spec
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths, extra=f"storage: {tmp_path / 'runs'}")
+    db = tmp_path / "X.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    done = subprocess.run([sys.executable, "-m", "itl_ray.cli", "sweep", str(spec)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
+        assert metric in done.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("itl.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("itl.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
+        for param in ("num_classes", "images_per_class", "label_set", "seed", "subset_hash"):
+            assert param in child.data.params
+        for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
+            assert 0.0 <= child.data.metrics[metric] <= 100.0
+    control = [c for c in children if c.data.params["images_per_class"] == "0"]
+    assert len(control) == 1 and control[0].data.params["subset_hash"] == "none"
+    pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]
+    history = client.get_metric_history(pretrained.info.run_id, "pretrain_loss")
+    assert sorted(m.step for m in history) == [1, 2]

@@ -1,0 +1,60 @@
+"""One trial in-process (no Ray, no MLflow): stages, reports, and resuming a finished stage."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from itl_ray.config import load_spec
+from itl_ray.trial import FINAL_METRICS, run_trial
+from tests.conftest import tiny_spec
+
+
+def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
+    config = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
+    reports = []
+    lines = []
+    final = run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload, step)),
+                      log=lines.append)
+    for metric in FINAL_METRICS:
+        assert 0.0 <= final[metric] <= 100.0
+    kinds = [kind for kind, _, _ in reports]
+    assert kinds == ["params", "epoch", "epoch", "final"]
+    params = reports[0][1]
+    assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
+    assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
+    assert [step for kind, _, step in reports if kind == "epoch"] == [1, 2]
+    stages = json.loads((tmp_path / "work" / "stages.json").read_text())
+    assert set(stages) == {"pretrain", "detection", "action", "scene"}
+    saved = torch.load(tmp_path / "work" / "backbone.pt")
+    assert "features.0.weight" in saved
+
+    # A rerun finds every stage done: same metrics, no training.
+    lines.clear()
+    again = run_trial(config, tmp_path / "work", lambda *a: None, log=lines.append)
+    assert {m: again[m] for m in FINAL_METRICS} == {m: final[m] for m in FINAL_METRICS}
+    assert any("pretrain: done earlier" in line for line in lines)
+    assert not any("epoch" in line for line in lines)
+
+
+def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, mini_paths):
+    config = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
+    work = tmp_path / "work"
+    run_trial(config, work, lambda *a: None, log=lambda line: None)
+    # Forget everything after pretraining epoch 2's checkpoint, as if killed during transfer.
+    (work / "stages.json").unlink()
+    (work / "backbone.pt").unlink()
+    lines = []
+    final = run_trial(config, work, lambda *a: None, log=lines.append)
+    assert any("resumed after epoch 2" in line for line in lines)
+    assert final["pretrain_top1"] >= 0
+
+
+def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
+    control = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[1]
+    assert control.pretrain.images_per_class == 0
+    reports = []
+    run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
+    assert reports == ["params", "final"]
+    assert not (tmp_path / "work" / "pretrain.pt").exists()
