@@ -52,8 +52,9 @@ def dry_run(spec: SweepSpec) -> str:
         hours = estimated_images(config) * SECONDS_PER_IMAGE_EPOCH / 3600 + TRANSFER_GPU_HOURS
         total += hours
         lines.append(f"  [{index}] {trial_id(config)}  {trial_name(config, keys)}  ~{hours:.1f} GPU-h")
-    lines.append(f"estimate for the full-size study settings: ~{total:.1f} GPU-hours "
-                 "(assumes 1000 classes where num_classes is null)")
+    lines.append(f"estimate: ~{total:.1f} GPU-hours at full-size AlexNet speed ({1 / SECONDS_PER_IMAGE_EPOCH:,.0f} "
+                 f"img/s) plus ~{TRANSFER_GPU_HOURS} GPU-h of transfer fine-tuning per trial "
+                 "(1000 classes where num_classes is null)")
     return "\n".join(lines)
 
 

@@ -43,3 +43,16 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]
     history = client.get_metric_history(pretrained.info.run_id, "pretrain_loss")
     assert sorted(m.step for m in history) == [1, 2]
+
+    # The analysis script reads the same store back into the results table.
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    report = subprocess.run([sys.executable, str(repo / "analysis" / "report.py"), "--experiment", "tiny",
+                             "--out", str(tmp_path / "report")], env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    import csv
+
+    with open(tmp_path / "report" / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    assert rows[-1]["images_per_class"] == "0"  # the control (fewest pretraining images) comes last
+    assert float(rows[0]["pretrain_top1"]) == pretrained.data.metrics["pretrain_top1"].__round__(2)

@@ -58,3 +58,13 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
     assert reports == ["params", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
+
+
+def test_stages_import_neither_ray_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, itl_ray.trial, itl_ray.config, itl_ray.cli, itl_ray.datasets.synthetic;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
