@@ -13,6 +13,15 @@ from tests.conftest import tiny_spec
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def test_resume_without_an_earlier_sweep_says_so(tmp_path, mini_paths):
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths, extra=f"storage: {tmp_path / 'runs'}")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'Y.db'}"}
+    done = subprocess.run([sys.executable, "-m", "itl_ray.cli", "sweep", str(spec), "--resume"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--resume: no earlier sweep 'tiny'" in done.stderr
+
+
 def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths, extra=f"storage: {tmp_path / 'runs'}")
     db = tmp_path / "X.db"
@@ -43,6 +52,18 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]
     history = client.get_metric_history(pretrained.info.run_id, "pretrain_loss")
     assert sorted(m.step for m in history) == [1, 2]
+
+    # --resume continues the same parent run: finished stages are skipped, no run is duplicated.
+    again = subprocess.run([sys.executable, "-m", "itl_ray.cli", "sweep", str(spec), "--resume"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "pretrain: done earlier" in again.stdout + again.stderr
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert len(runs) == 3
+    assert {r.info.run_id for r in runs if r.data.tags.get("itl.role") == "trial"} == {c.info.run_id for c in children}
+    resumed = client.get_run(pretrained.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.metrics["voc07_det_map"] == pretrained.data.metrics["voc07_det_map"]
 
     # The analysis script reads the same store back into the results table.
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -335,13 +335,13 @@ def _voc_box(box, width, height) -> tuple[tuple[int, int, int, int], bool]:
 def _voc07_image(seed: int, image_id: str) -> tuple[bytes, dict]:
     rng = _rng(seed, "voc07", image_id)
     width, height = int(rng.integers(128, 161)), int(rng.integers(112, 145))
-    canvas = background(width, height, rng, clutter=int(rng.integers(2, 6)))
+    canvas = background(width, height, rng, clutter=int(rng.integers(1, 4)))
     objects = []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 3))):
         voc_class = VOC_CLASSES[int(rng.integers(len(VOC_CLASSES)))]
         synsets = _INSTANCES[voc_class]
         look = _LOOKS[synsets[int(rng.integers(len(synsets)))]]
-        box = _place(rng, width, height, 0.18, 0.55)
+        box = _place(rng, width, height, 0.3, 0.65)
         paste(canvas, look, box, rng)
         clipped, truncated = _voc_box(box, width, height)
         small = min(clipped[2] - clipped[0], clipped[3] - clipped[1]) < 26
