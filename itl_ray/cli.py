@@ -54,8 +54,10 @@ def command_sweep(args) -> int:
     rows = run_sweep(spec, resume=args.resume)
     print()
     print(results_table(rows))
-    print(f"\n{len(rows)} trials in {time.time() - started:.0f} s; open the runs with: "
-          "mlflow ui --backend-store-uri <tracking URI printed above>")
+    from itl_ray.tracking import tracking_uri
+
+    print(f"\n{len(rows)} trials in {time.time() - started:.0f} s; compare them with: "
+          f"mlflow ui --backend-store-uri {tracking_uri()}")
     errors = [row for row in rows if "error" in row]
     for row in errors:
         print(f"error: trial {row['name']} failed: {row['error']}", file=sys.stderr)

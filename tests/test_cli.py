@@ -73,3 +73,10 @@ def test_synth_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "x" / "file.txt").write_text("mine")
     assert_one_line_error(itl_ray("synth", str(tmp_path / "x")), "not an itl_ray mini-benchmark")
     assert (tmp_path / "x" / "file.txt").read_text() == "mine"
+
+
+def test_missing_wordnet_says_how_to_install(tmp_path):
+    code = ("import sys, nltk; nltk.data.path[:] = [sys.argv[1]];"
+            "from itl_ray.cli import main; sys.exit(main(['labels', 'fine']))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert_one_line_error(done, "WordNet", "install")

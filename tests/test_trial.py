@@ -68,3 +68,29 @@ def test_stages_import_neither_ray_nor_mlflow():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
+    from itl_ray import wordnet
+    from itl_ray.config import override
+
+    base = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
+    config = override(base, {"pretrain.label_set": "up_down_9", "pretrain.num_classes": None,
+                             "pretrain.images_per_class": 2, "pretrain.epochs": 1,
+                             "transfer.detection.epochs": 0, "transfer.action.epochs": 1, "transfer.scene.epochs": 1})
+    reports = []
+    run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)), log=lambda l: None)
+    params = reports[0][1]
+    groups = set(wordnet.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
+    assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
+    assert params["source_classes"] == 40
+    fine = wordnet.label_set("fine", list(wordnet_classes(mini_paths)))
+    from itl_ray.trial import label_set_hash
+
+    assert params["label_set_hash"] != label_set_hash(fine)
+
+
+def wordnet_classes(mini_paths):
+    from itl_ray.datasets.imagenet import read_imagenet
+
+    return read_imagenet(mini_paths["imagenet"]).classes
