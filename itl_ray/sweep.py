@@ -15,9 +15,9 @@ from pathlib import Path
 from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.trial import FINAL_METRICS
 
-# Rough cost model for --dry-run: A100-class GPU-seconds per pretraining image-epoch of the full
-# AlexNet at 227 px with the fast pipeline, and per transfer fine-tuning (both measured orders of
-# magnitude, not promises).
+# Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
+# with a fast input pipeline (25k img/s on one H100), and GPU-hours of the three transfer
+# fine-tunings of one trial (orders of magnitude, not promises).
 SECONDS_PER_IMAGE_EPOCH = 1 / 25000
 TRANSFER_GPU_HOURS = 1.5
 

@@ -10,6 +10,7 @@ sweep, MLflow or the terminal for ``itl-ray trial``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -90,11 +91,18 @@ class Inputs:
     sun: Sun397
 
 
+# A sweep validates every trial's inputs in one process: list each dataset once.
+_read_imagenet = functools.lru_cache(maxsize=4)(read_imagenet)
+_read_voc2007 = functools.lru_cache(maxsize=8)(read_voc2007_detection)
+_read_voc2012 = functools.lru_cache(maxsize=8)(read_voc2012_actions)
+_read_sun397 = functools.lru_cache(maxsize=4)(read_sun397)
+
+
 def read_inputs(config: TrialConfig) -> Inputs:
     """Read and validate every dataset, the subset and the label set, so that a wrong path or an
     impossible setting fails before any training (the sweep calls this for every trial first)."""
     pre = config.pretrain
-    imagenet = read_imagenet(config.data.imagenet)
+    imagenet = _read_imagenet(config.data.imagenet)
     # The label set belongs to the data's classes (up_down_127 is a grouping of all 1000); sets
     # that leave classes out (pascal_removed, split halves) limit what the subset draws from.
     full_mapping = wordnet.label_set(pre.label_set, list(imagenet.classes))
@@ -104,11 +112,11 @@ def read_inputs(config: TrialConfig) -> Inputs:
         imagenet=imagenet,
         subset=subset,
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
-        voc07_trainval=read_voc2007_detection(config.data.voc2007, "trainval"),
-        voc07_test=read_voc2007_detection(config.data.voc2007, "test"),
-        voc12_train=read_voc2012_actions(config.data.voc2012, "train"),
-        voc12_val=read_voc2012_actions(config.data.voc2012, "val"),
-        sun=read_sun397(config.data.sun397, config.data.sun397_partition),
+        voc07_trainval=_read_voc2007(config.data.voc2007, "trainval"),
+        voc07_test=_read_voc2007(config.data.voc2007, "test"),
+        voc12_train=_read_voc2012(config.data.voc2012, "train"),
+        voc12_val=_read_voc2012(config.data.voc2012, "val"),
+        sun=_read_sun397(config.data.sun397, config.data.sun397_partition),
     )
 
 
@@ -124,9 +132,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     stages = store.load()
 
     inputs = read_inputs(config)
-    imagenet, subset, mapping = inputs.imagenet, inputs.subset, inputs.mapping
-    voc07_trainval, voc07_test, voc12_train, voc12_val, sun = (
-        inputs.voc07_trainval, inputs.voc07_test, inputs.voc12_train, inputs.voc12_val, inputs.sun)
+    subset, mapping = inputs.subset, inputs.mapping
     pre = config.pretrain
     groups = sorted(set(mapping.values()))
     group_index = {group: i for i, group in enumerate(groups)}
@@ -151,7 +157,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
     size = resize_for(config.model.resolution)
     backbone_file = workdir / "backbone.pt"
-    val_images = [image for image in imagenet.val if image.label in mapping]
+    val_images = [image for image in inputs.imagenet.val if image.label in mapping]
     if "pretrain" in stages and backbone_file.is_file():
         model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
         log("pretrain: done earlier, weights loaded")
@@ -175,11 +181,11 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model.to(device)
 
     transfers = {
-        "detection": lambda: evaluate_detection(model, voc07_trainval, voc07_test, config.transfer.detection,
-                                                device, config.seed, log=log),
-        "action": lambda: evaluate_action(model, voc12_train, voc12_val, config.transfer.action,
+        "detection": lambda: evaluate_detection(model, inputs.voc07_trainval, inputs.voc07_test,
+                                                config.transfer.detection, device, config.seed, log=log),
+        "action": lambda: evaluate_action(model, inputs.voc12_train, inputs.voc12_val, config.transfer.action,
                                           device, config.seed, log=log),
-        "scene": lambda: evaluate_scene(model, sun, config.transfer.scene, device, config.seed, log=log),
+        "scene": lambda: evaluate_scene(model, inputs.sun, config.transfer.scene, device, config.seed, log=log),
     }
     for stage, evaluate in transfers.items():
         if stage in stages:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from itl_ray import wordnet
-from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES
+from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES, parse_annotation
 from itl_ray.errors import UserError
 
 FORMAT_VERSION = 1
@@ -522,8 +522,6 @@ def _run(job) -> int:
 def write_action_image_sets(devkit: Path, split_ids: dict[str, list[str]]) -> None:
     """The per-action lists of VOC 2012 (``<action>_<split>.txt``: image id, person index, +-1)."""
     for split, ids in split_ids.items():
-        from itl_ray.datasets.voc import parse_annotation  # the reader parses what the writer wrote
-
         base = devkit / "VOC2012"
         rows = {action: [] for action in ACTION_CLASSES}
         for image_id in ids:
