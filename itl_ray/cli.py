@@ -76,23 +76,15 @@ def command_trial(args) -> int:
     tid = trial_id(config)
     workdir = Path(args.workdir) if args.workdir else Path("itl_runs/trials") / tid
     if args.no_track:
-        def report(kind, payload, step):
-            pass
-        final = run_trial(config, workdir, report)
+        final = run_trial(config, workdir, lambda kind, payload, step: None)
     else:
         from itl_ray.tracking import Tracker
 
         tracker = Tracker(config.name)
         run_id = tracker.trial_run(tid, f"trial-{tid}", None)
 
-        def report(kind, payload, step):
-            if kind == "params":
-                tracker.log_params(run_id, payload)
-            else:
-                tracker.log_metrics(run_id, payload, step)
-
         try:
-            final = run_trial(config, workdir, report)
+            final = run_trial(config, workdir, lambda kind, payload, step: tracker.record(run_id, kind, payload, step))
         except BaseException:
             tracker.finish(run_id, failed=True)
             raise

@@ -98,14 +98,10 @@ def _mlflow_callback(tracker, parent_run_id: str):
             self._run(trial)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            kind, payload = result.get("itl_kind"), result.get("itl_payload") or {}
-            run = self._run(trial)
-            if kind == "params":
-                tracker.log_params(run, payload)
-            elif kind == "epoch":
-                tracker.log_metrics(run, payload, step=int(result["itl_step"]))
-            elif kind == "final":
-                tracker.log_metrics(run, payload)
+            kind = result.get("itl_kind")
+            if kind in ("params", "epoch", "final"):
+                step = int(result["itl_step"]) if kind == "epoch" else None
+                tracker.record(self._run(trial), kind, result.get("itl_payload") or {}, step)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             tracker.finish(self._run(trial))

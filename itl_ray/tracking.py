@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -103,7 +104,6 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [
@@ -113,6 +113,13 @@ class Tracker:
         ]
         for start in range(0, len(batch), 500):
             self.client.log_batch(run_id, metrics=batch[start : start + 500])
+
+    def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
+        """One report of ``trial.run_trial``: "params", "epoch" metrics (step = epoch) or "final"."""
+        if kind == "params":
+            self.log_params(run_id, payload)
+        else:
+            self.log_metrics(run_id, payload, step)
 
     def finish(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
