@@ -8,6 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.itl_ray-installed
 MINI := data/mini
+SHARDS := data/mini-shards
 
 .PHONY: setup wordnet demo test clean
 
@@ -38,11 +39,18 @@ wordnet: $(STAMP)
 $(MINI)/SYNTH_INFO.json: | setup
 	$(VENV)/bin/itl-ray synth $(MINI)
 
-demo: setup $(MINI)/SYNTH_INFO.json
+# The mini-benchmark goes through the same path as real data: its roots are prepared into shards.
+$(SHARDS)/sun397/PREPARED.json: $(MINI)/SYNTH_INFO.json
+	$(VENV)/bin/itl-ray prepare imagenet $(MINI)/ILSVRC2012 $(SHARDS)/imagenet
+	$(VENV)/bin/itl-ray prepare voc2007 $(MINI)/VOCdevkit $(SHARDS)/voc2007
+	$(VENV)/bin/itl-ray prepare voc2012-action $(MINI)/VOCdevkit $(SHARDS)/voc2012-action
+	$(VENV)/bin/itl-ray prepare sun397 $(MINI)/SUN397 $(SHARDS)/sun397
+
+demo: setup $(SHARDS)/sun397/PREPARED.json
 	$(VENV)/bin/itl-ray sweep sweeps/smoke.yaml
 
 test: setup
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf itl_runs $(MINI)
+	rm -rf itl_runs $(MINI) $(SHARDS)

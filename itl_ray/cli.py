@@ -35,6 +35,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     synth.add_argument("out_dir")
     synth.add_argument("--seed", type=int, default=0)
 
+    prepare = commands.add_parser("prepare", help="validate a dataset on disk and write its shards")
+    prepare.add_argument("kind", help="imagenet, voc2007, voc2012-action or sun397")
+    prepare.add_argument("root", help="the dataset's root: a local path or a pyarrow URI (s3://, gs://)")
+    prepare.add_argument("out", help="folder for the shards, manifest and report")
+    prepare.add_argument("--short-side", type=int, default=None,
+                         help="stored shorter side in px, never upscaled; 0 keeps sizes (default: 256 for imagenet "
+                              "and sun397, 0 for VOC)")
+    prepare.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images")
+    prepare.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
+    prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+
     labels = commands.add_parser("labels", help="write a WordNet label set as TSV")
     labels.add_argument("name", help="fine, up_down_<N>, down_up_<N>, pascal_removed, or a split name")
     labels.add_argument("--classes", default=None, help="file of wnids, one per line (default: ILSVRC-2012's 1000)")
@@ -107,6 +118,26 @@ def command_synth(args) -> int:
     return 0
 
 
+def command_prepare(args) -> int:
+    from itl_ray.prepare import DEFAULT_SHORT_SIDE, PrepareSettings, prepare
+    from itl_ray.shards import KINDS
+
+    if args.kind not in KINDS:
+        raise UserError(f"unknown dataset kind {args.kind!r}; use one of: {', '.join(KINDS)}")
+    short_side = DEFAULT_SHORT_SIDE[args.kind] if args.short_side is None else args.short_side
+    settings = PrepareSettings(short_side=short_side, quality=args.quality, shard_size=args.shard_size)
+    started = time.time()
+
+    def progress(done, total, skipped):
+        print(f"\rprepare {args.kind}: {done:,}/{total:,} images, {skipped} skipped, {time.time() - started:.0f} s",
+              end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress)
+    print(f"{args.out}: {info['images']:,} {args.kind} images in {info['shards']} shards, {info['skipped']} skipped "
+          f"(listed in {Path(args.out) / 'report.json'})")
+    return 0
+
+
 def command_labels(args) -> int:
     from itl_ray.wordnet import write_label_set
 
@@ -114,7 +145,8 @@ def command_labels(args) -> int:
     return 0
 
 
-COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_synth, "labels": command_labels}
+COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_synth, "prepare": command_prepare,
+            "labels": command_labels}
 
 
 def main(argv: list[str] | None = None) -> int:

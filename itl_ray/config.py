@@ -18,24 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itl_ray.datasets.synthetic import dataset_paths
+from itl_ray.datasets.synthetic import prepared_paths
 from itl_ray.errors import UserError
 from itl_ray.pretrain import PretrainConfig
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig
 from itl_ray.transfer.scene import SceneConfig
 
-MINI_PATHS = dataset_paths("data/mini")  # where `make demo` writes the mini-benchmark
+MINI_PATHS = prepared_paths("data/mini-shards")  # where `make demo` prepares the mini-benchmark
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset roots (local paths). Defaults: the generated mini-benchmark written by `make demo`."""
+    """Prepared datasets (folders written by `itl-ray prepare KIND ROOT OUT`). Defaults: the
+    generated mini-benchmark that `make demo` writes and prepares."""
 
-    imagenet: str = MINI_PATHS["imagenet"]  # holds train/<wnid>/ and val/<wnid>/
-    voc2007: str = MINI_PATHS["voc2007"]  # VOCdevkit (holding VOC2007/) or VOC2007 itself
-    voc2012: str = MINI_PATHS["voc2012"]  # VOCdevkit (holding VOC2012/) or VOC2012 itself
-    sun397: str = MINI_PATHS["sun397"]  # holds <letter>/<scene>/ and Partitions/
+    imagenet: str = MINI_PATHS["imagenet"]  # prepared imagenet
+    voc2007: str = MINI_PATHS["voc2007"]  # prepared voc2007
+    voc2012: str = MINI_PATHS["voc2012"]  # prepared voc2012-action
+    sun397: str = MINI_PATHS["sun397"]  # prepared sun397
     sun397_partition: int = 1  # which of the 10 official train/test partitions
 
 

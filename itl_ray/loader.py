@@ -1,8 +1,9 @@
 """The input pipeline: decode images once into uint8 tensors, then crop, flip and normalise in batches.
 
-Images are decoded with torchvision.io (JPEG and PNG, grayscale and CMYK turned into RGB) and
-resized so their shorter side is ``resize`` pixels, then center-cropped to a square of that side,
-and kept in memory as one uint8 tensor; training batches take random crops with flips from it.
+Images arrive as encoded bytes read from prepared shards (``itl_ray.shards``). They are decoded
+with torchvision.io (RGB JPEG; PNG, grayscale and CMYK also work) and resized so their shorter
+side is ``resize`` pixels, then center-cropped to a square of that side, and kept in memory as one
+uint8 tensor; training batches take random crops with flips from it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from itl_ray.errors import UserError
 
@@ -23,12 +24,12 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """One image file as a uint8 tensor 3xHxW."""
+def decode_rgb(data: bytes, name: str) -> torch.Tensor:
+    """One encoded image as a uint8 tensor 3xHxW; ``name`` names it in errors."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except (RuntimeError, OSError) as error:
-        raise UserError(f"cannot decode image {path} ({error}); remove or replace the file") from None
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise UserError(f"cannot decode image {name} ({error}); prepare its dataset again") from None
 
 
 def resize_short_side(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -46,11 +47,11 @@ def center_square(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top : top + size, left : left + size]
 
 
-def load_squares(paths: list[str], size: int) -> torch.Tensor:
+def load_squares(images: list[bytes], size: int) -> torch.Tensor:
     """Decode images, resize the shorter side to ``size`` and center-crop: uint8 Nx3xSxS."""
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    for index, path in enumerate(paths):
-        out[index] = center_square(resize_short_side(decode_rgb(path), size), size)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for index, data in enumerate(images):
+        out[index] = center_square(resize_short_side(decode_rgb(data, f"#{index}"), size), size)
     return out
 
 

@@ -19,19 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from itl_ray import loader, subsets, wordnet
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.imagenet import ImageNet, read_imagenet
-from itl_ray.datasets.sun397 import Sun397, read_sun397
-from itl_ray.datasets.voc import read_voc2007_detection, read_voc2012_actions
+from itl_ray.datasets.voc import VocImage, VocObject
 from itl_ray.errors import UserError
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, resize_for, top1
+from itl_ray.shards import Prepared
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
-from itl_ray.transfer.scene import evaluate_scene
+from itl_ray.transfer.scene import SceneData, evaluate_scene
 
 # The four headline metrics, in percent.
 FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
@@ -79,44 +79,81 @@ def label_set_hash(mapping: dict[str, str]) -> str:
 
 @dataclass(frozen=True)
 class Inputs:
-    """Everything a trial reads from disk, validated."""
+    """Everything a trial reads from disk, validated: the prepared datasets, the subset, the labels."""
 
-    imagenet: ImageNet
+    imagenet: Prepared
+    train_rows: np.ndarray  # manifest rows of the subset's images, class by class
+    val_rows: np.ndarray  # manifest rows of the validation images of the subset's classes
     subset: subsets.Subset
     mapping: dict[str, str]  # label set over the subset's classes: wnid -> group wnid
-    voc07_trainval: list
-    voc07_test: list
-    voc12_train: list
-    voc12_val: list
-    sun: Sun397
+    voc2007: Prepared
+    voc2012: Prepared
+    sun397: Prepared
 
 
-# A sweep validates every trial's inputs in one process: list each dataset once.
-_read_imagenet = functools.lru_cache(maxsize=4)(read_imagenet)
-_read_voc2007 = functools.lru_cache(maxsize=8)(read_voc2007_detection)
-_read_voc2012 = functools.lru_cache(maxsize=8)(read_voc2012_actions)
-_read_sun397 = functools.lru_cache(maxsize=4)(read_sun397)
+# A sweep validates every trial's inputs in one process: open each prepared dataset once.
+_open = functools.lru_cache(maxsize=16)(Prepared)
 
 
 def read_inputs(config: TrialConfig) -> Inputs:
-    """Read and validate every dataset, the subset and the label set, so that a wrong path or an
-    impossible setting fails before any training (the sweep calls this for every trial first)."""
+    """Open every prepared dataset and choose the subset and the label set, so that a wrong path or
+    an impossible setting fails before any training (the sweep calls this for every trial first)."""
     pre = config.pretrain
-    imagenet = _read_imagenet(config.data.imagenet)
+    imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
+    labels = imagenet.column("label")
+    train_rows = imagenet.rows_in("train")
+    train_labels = [labels[row] for row in train_rows]
+    sources = imagenet.column("source")
     # The label set belongs to the data's classes (up_down_127 is a grouping of all 1000); sets
     # that leave classes out (pascal_removed, split halves) limit what the subset draws from.
-    full_mapping = wordnet.label_set(pre.label_set, list(imagenet.classes))
-    subset = subsets.select(imagenet, pre.num_classes, pre.images_per_class, config.seed, pre.shortfall,
+    full_mapping = wordnet.label_set(pre.label_set, sorted(set(train_labels)))
+    subset = subsets.select(train_labels, [subsets.image_key(sources[row]) for row in train_rows],
+                            pre.num_classes, pre.images_per_class, config.seed, pre.shortfall,
                             allowed=set(full_mapping))
+    chosen = set(subset.classes)
+    val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
     return Inputs(
         imagenet=imagenet,
+        train_rows=train_rows[list(subset.indices)],
+        val_rows=val_rows,
         subset=subset,
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
-        voc07_trainval=_read_voc2007(config.data.voc2007, "trainval"),
-        voc07_test=_read_voc2007(config.data.voc2007, "test"),
-        voc12_train=_read_voc2012(config.data.voc2012, "train"),
-        voc12_val=_read_voc2012(config.data.voc2012, "val"),
-        sun=_read_sun397(config.data.sun397, config.data.sun397_partition),
+        voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
+        voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
+        sun397=_open(config.data.sun397, "sun397", "data.sun397"),
+    )
+
+
+def voc_images(data: Prepared, split: str) -> list[VocImage]:
+    """The images of a prepared VOC split with their objects and stored JPEG bytes; boxes are
+    scaled from the source image's pixels to the stored image's (1-based, as in the XML)."""
+    rows = data.rows_in(split)
+    columns = {name: data.column(name) for name in ("image_id", "objects", "width", "height", "source_width",
+                                                    "source_height")}
+    images = []
+    for row, jpeg in zip(rows, data.read(rows)):
+        width, height = columns["width"][row], columns["height"][row]
+        sx, sy = width / columns["source_width"][row], height / columns["source_height"][row]
+        objects = tuple(
+            VocObject(name, (round((x0 - 1) * sx) + 1, round((y0 - 1) * sy) + 1, round((x1 - 1) * sx) + 1,
+                             round((y1 - 1) * sy) + 1), bool(difficult), bool(truncated), tuple(actions))
+            for name, x0, y0, x1, y1, difficult, truncated, actions in json.loads(columns["objects"][row])
+        )
+        images.append(VocImage(columns["image_id"][row], f"row {row}", width, height, objects, jpeg))
+    return images
+
+
+def scene_data(data: Prepared, partition: int) -> SceneData:
+    """One official SUN397 partition (Training_NN / Testing_NN) from the prepared dataset."""
+    labels = data.column("label")
+    train, test = data.rows_in(f"Training_{partition:02d}"), data.rows_in(f"Testing_{partition:02d}")
+    if not len(train) or not len(test):
+        raise UserError(f"data.sun397 has no images in partition {partition} (Training_{partition:02d}.txt / "
+                        f"Testing_{partition:02d}.txt); use data.sun397_partition=1..10 as prepared")
+    return SceneData(
+        classes=tuple(sorted(set(labels))),
+        train_images=data.read(train), train_labels=[labels[row] for row in train],
+        test_images=data.read(test), test_labels=[labels[row] for row in test],
     )
 
 
@@ -146,7 +183,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         "label_set_hash": label_set_hash(mapping),
         "seed": config.seed,
         "subset_hash": subset.subset_hash if pre.images_per_class else "none",
-        "pretrain_images": len(subset.images),
+        "pretrain_images": len(inputs.train_rows),
         "shortfall_classes": len(subset.shortfall),
         "shortfall_images": sum(subset.shortfall.values()),
         "device": device.type,
@@ -157,20 +194,20 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
     size = resize_for(config.model.resolution)
     backbone_file = workdir / "backbone.pt"
-    val_images = [image for image in inputs.imagenet.val if image.label in mapping]
+    labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
         model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
         log("pretrain: done earlier, weights loaded")
     else:
-        log(f"trial {params['trial_id']}: {len(groups)} classes, {len(subset.images)} images, device {device}")
-        val_x = loader.load_squares([image.path for image in val_images], size)
-        val_y = torch.tensor([group_index[mapping[image.label]] for image in val_images])
+        log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
+        val_x = loader.load_squares(inputs.imagenet.read(inputs.val_rows), size)
+        val_y = torch.tensor([group_index[mapping[labels[row]]] for row in inputs.val_rows], dtype=torch.long)
         if pre.images_per_class == 0:
             result = {"pretrain_top1": 100 * top1(model.to(device), val_x, val_y, device)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
-            train_x = loader.load_squares([image.path for image in subset.images], size)
-            train_y = torch.tensor([group_index[mapping[image.label]] for image in subset.images])
+            train_x = loader.load_squares(inputs.imagenet.read(inputs.train_rows), size)
+            train_y = torch.tensor([group_index[mapping[labels[row]]] for row in inputs.train_rows], dtype=torch.long)
             result = pretrain(
                 model, train_x, train_y, val_x, val_y, pre, device, config.seed, workdir / "pretrain.pt",
                 on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
@@ -181,11 +218,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model.to(device)
 
     transfers = {
-        "detection": lambda: evaluate_detection(model, inputs.voc07_trainval, inputs.voc07_test,
-                                                config.transfer.detection, device, config.seed, log=log),
-        "action": lambda: evaluate_action(model, inputs.voc12_train, inputs.voc12_val, config.transfer.action,
-                                          device, config.seed, log=log),
-        "scene": lambda: evaluate_scene(model, inputs.sun, config.transfer.scene, device, config.seed, log=log),
+        "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
+                                                voc_images(inputs.voc2007, "test"), config.transfer.detection,
+                                                device, config.seed, log=log),
+        "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
+                                          config.transfer.action, device, config.seed, log=log),
+        "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
+                                        config.transfer.scene, device, config.seed, log=log),
     }
     for stage, evaluate in transfers.items():
         if stage in stages:
@@ -196,6 +235,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         result[f"{stage}_seconds"] = time.time() - stage_started
         store.save(stage, result)
         stages = store.load()
+        report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
     final["trial_seconds"] = time.time() - started

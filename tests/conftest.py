@@ -1,5 +1,5 @@
 """Shared fixtures: a small mini-benchmark in the real on-disk formats, made once per session by the
-same generator as the demo's."""
+same generator as the demo's, and prepared into shards as the demo prepares it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
+from itl_ray.datasets.synthetic import PREPARE_KINDS, Sizes, dataset_paths, prepared_paths, synthesize
+from itl_ray.prepare import prepare
 
 SMALL = Sizes(train_per_class=12, val_per_class=3, voc07_trainval=24, voc07_test=24,
               voc12_train=20, voc12_val=20, sun_per_scene=4)
@@ -21,8 +22,18 @@ def mini(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mini_paths(mini) -> dict[str, str]:
+def raw_paths(mini) -> dict[str, str]:
+    """The mini-benchmark's dataset roots (what `itl-ray prepare` reads)."""
     return dataset_paths(mini)
+
+
+@pytest.fixture(scope="session")
+def mini_paths(mini, raw_paths) -> dict[str, str]:
+    """The prepared mini-benchmark (what a trial's ``data`` settings point at)."""
+    shards = mini.parent / "shards"
+    for setting, kind in PREPARE_KINDS.items():
+        prepare(kind, raw_paths[setting], prepared_paths(shards)[setting], workers=1)
+    return prepared_paths(shards)
 
 
 def tiny_spec(path: Path, paths: dict[str, str], extra: str = "") -> Path:

@@ -43,7 +43,7 @@ def test_unknown_key_and_wrong_type(tmp_path, mini_paths):
 @pytest.mark.parametrize("override, fragments", [
     ("grid.pretrain.images_per_class=[500]", ["images_per_class=500", "no chosen class has more than 12"]),
     ("data.imagenet=/no/such/folder", ["/no/such/folder", "does not exist"]),
-    ("data.sun397=/tmp", ["Partitions"]),
+    ("data.sun397=/tmp", ["data.sun397=/tmp is not a prepared dataset", "itl-ray prepare sun397"]),
 ])
 def test_bad_data_fails_before_any_trial(tmp_path, mini_paths, override, fragments):
     spec = tiny_spec(tmp_path / "s.yaml", mini_paths, extra=f"storage: {tmp_path / 'runs'}")

@@ -14,17 +14,17 @@ from itl_ray.errors import UserError
 from tests.conftest import SMALL
 
 
-def test_imagenet_layout(mini, mini_paths):
-    data = read_imagenet(mini_paths["imagenet"])
+def test_imagenet_layout(mini, raw_paths):
+    data = read_imagenet(raw_paths["imagenet"])
     assert data.classes == tuple(sorted(MINI_CLASSES))
     assert len(data.train) == 40 * SMALL.train_per_class and len(data.val) == 40 * SMALL.val_per_class
     assert (mini / "ILSVRC2012" / "train" / "n02085620" / "n02085620_1.JPEG").is_file()
-    assert all(image.path.endswith(".JPEG") for image in data.val)
+    assert all(image.path.startswith("val/") and image.path.endswith(".JPEG") for image in data.val)
 
 
-def test_voc2007_layout(mini_paths):
-    trainval = read_voc2007_detection(mini_paths["voc2007"], "trainval")
-    test = read_voc2007_detection(mini_paths["voc2007"], "test")
+def test_voc2007_layout(raw_paths):
+    trainval = read_voc2007_detection(raw_paths["voc2007"], "trainval")
+    test = read_voc2007_detection(raw_paths["voc2007"], "test")
     assert len(trainval) == SMALL.voc07_trainval and len(test) == SMALL.voc07_test
     objects = [obj for image in trainval + test for obj in image.objects]
     assert objects and all(obj.name in VOC_CLASSES for obj in objects)
@@ -36,8 +36,8 @@ def test_voc2007_layout(mini_paths):
                 assert min(xmax - xmin, ymax - ymin) < 26
 
 
-def test_voc2012_actions_layout(mini, mini_paths):
-    train = read_voc2012_actions(mini_paths["voc2012"], "train")
+def test_voc2012_actions_layout(mini, raw_paths):
+    train = read_voc2012_actions(raw_paths["voc2012"], "train")
     persons = [obj for image in train for obj in image.objects]
     assert persons and all(obj.name == "person" and len(obj.actions) == 1 for obj in persons)
     assert {a for p in persons for a in p.actions} <= set(ACTION_CLASSES)
@@ -47,12 +47,13 @@ def test_voc2012_actions_layout(mini, mini_paths):
     assert positives == sum(1 for p in persons if "jumping" in p.actions)
 
 
-def test_sun397_layout(mini_paths):
-    data = read_sun397(mini_paths["sun397"], partition=3)
+def test_sun397_layout(raw_paths):
+    data = read_sun397(raw_paths["sun397"], partition=3)
     assert data.classes == SUN_SCENES
     half = SMALL.sun_per_scene // 2
     assert len(data.train) == len(data.test) == len(SUN_SCENES) * half
     assert not {i.path for i in data.train} & {i.path for i in data.test}
+    assert all(image.path.startswith(image.label.lstrip("/") + "/") for image in data.train)
 
 
 def test_synth_is_deterministic_and_refuses_other_settings(tmp_path, mini):

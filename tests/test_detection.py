@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from itl_ray.datasets.voc import VOC_CLASSES, read_voc2007_detection
+from itl_ray.datasets.voc import VOC_CLASSES
 from itl_ray.models import AlexNet
 from itl_ray.transfer.detection import (
     DetectionConfig,
@@ -90,8 +90,16 @@ PRESENT = ("car", "dog", "person")
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory):
-    root = write_tiny_voc2007(tmp_path_factory.mktemp("voc"), trainval=60, test=30, seed=1)
-    return read_voc2007_detection(root, "trainval"), read_voc2007_detection(root, "test")
+    """Written in the devkit layout, prepared into shards, read back as a trial reads it."""
+    from itl_ray.prepare import prepare
+    from itl_ray.shards import Prepared
+    from itl_ray.trial import voc_images
+
+    folder = tmp_path_factory.mktemp("voc")
+    root = write_tiny_voc2007(folder, trainval=60, test=30, seed=1)
+    prepare("voc2007", str(root), folder / "prepared", workers=1)
+    data = Prepared(folder / "prepared", "voc2007")
+    return voc_images(data, "trainval"), voc_images(data, "test")
 
 
 def small_backbone() -> AlexNet:

@@ -20,7 +20,8 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     for metric in FINAL_METRICS:
         assert 0.0 <= final[metric] <= 100.0
     kinds = [kind for kind, _, _ in reports]
-    assert kinds == ["params", "epoch", "epoch", "final"]
+    assert kinds == ["params", "epoch", "epoch", "stage", "stage", "stage", "final"]
+    assert "voc07_det_map" in reports[3][1] and "sun397_acc" in reports[5][1]
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
@@ -56,7 +57,7 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert reports == ["params", "final"]
+    assert reports == ["params", "stage", "stage", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -91,6 +92,6 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
 
 
 def wordnet_classes(mini_paths):
-    from itl_ray.datasets.imagenet import read_imagenet
+    from itl_ray.shards import Prepared
 
-    return read_imagenet(mini_paths["imagenet"]).classes
+    return sorted(set(Prepared(mini_paths["imagenet"], "imagenet").column("label")))

@@ -6,16 +6,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from itl_ray.datasets import LabeledImage, existing_dir, read_lines, required
+from itl_ray.datasets import LabeledImage, Root, read_lines
 from itl_ray.errors import UserError
+
+PARTITIONS = range(1, 11)
 
 
 @dataclass(frozen=True)
 class Sun397:
     classes: tuple[str, ...]  # scene paths like "/a/abbey", in ClassName.txt order
-    train: tuple[LabeledImage, ...]
+    train: tuple[LabeledImage, ...]  # paths inside the root, like a/abbey/sun_x.jpg
     test: tuple[LabeledImage, ...]
 
 
@@ -24,25 +25,26 @@ def scene_of(relative_path: str) -> str:
     return relative_path.rsplit("/", 1)[0]
 
 
-def read_sun397(root: str | Path, partition: int = 1) -> Sun397:
-    root = existing_dir(root, "SUN397")
-    if not 1 <= partition <= 10:
+def read_sun397(location: str, partition: int = 1) -> Sun397:
+    root = Root(location, "SUN397")
+    if partition not in PARTITIONS:
         raise UserError(f"SUN397 partition {partition} does not exist: use 1..10")
-    partitions = required(root / "Partitions", "SUN397 Partitions/ (unzip Partitions.zip into the root)")
-    classes = tuple(read_lines(required(partitions / "ClassName.txt", "Partitions/ClassName.txt")))
+    root.required("Partitions", "SUN397 Partitions/ (unzip Partitions.zip into the root)")
+    classes = tuple(read_lines(root.read_text(root.required("Partitions/ClassName.txt", "Partitions/ClassName.txt"))))
     known = set(classes)
 
     def split(kind: str) -> tuple[LabeledImage, ...]:
-        listing = required(partitions / f"{kind}_{partition:02d}.txt", f"Partitions/{kind}_{partition:02d}.txt")
+        name = f"Partitions/{kind}_{partition:02d}.txt"
+        listing = root.display(root.required(name, name))
         images = []
-        for line in read_lines(listing):
+        for line in read_lines(root.read_text(root.path(name))):
             scene = scene_of(line)
             if scene not in known:
                 raise UserError(f"{listing} names {line}, whose scene is not in ClassName.txt")
-            path = root / line.lstrip("/")
-            if not path.is_file():
-                raise UserError(f"{listing} names {line}, but {path} does not exist")
-            images.append(LabeledImage(str(path), scene))
+            path = line.lstrip("/")
+            if not root.is_file(root.path(path)):
+                raise UserError(f"{listing} names {line}, but {root.display(root.path(path))} does not exist")
+            images.append(LabeledImage(path, scene))
         return tuple(images)
 
     return Sun397(classes=classes, train=split("Training"), test=split("Testing"))

@@ -525,7 +525,8 @@ def write_action_image_sets(devkit: Path, split_ids: dict[str, list[str]]) -> No
         base = devkit / "VOC2012"
         rows = {action: [] for action in ACTION_CLASSES}
         for image_id in ids:
-            image = parse_annotation(base / "Annotations" / f"{image_id}.xml", base / "JPEGImages")
+            xml_path = base / "Annotations" / f"{image_id}.xml"
+            image = parse_annotation(xml_path.read_text(), str(xml_path), "JPEGImages")
             for person_index, obj in enumerate(image.objects, start=1):
                 for action in ACTION_CLASSES:
                     rows[action].append(f"{image_id} {person_index} {1 if action in obj.actions else -1:2d}\n")
@@ -584,7 +585,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
 
 
 def dataset_paths(out_dir: str | Path) -> dict[str, str]:
-    """Where the four datasets lie under a mini-benchmark folder (the config's ``data`` section)."""
+    """Where the four datasets' roots lie under a mini-benchmark folder (``itl-ray prepare`` reads them)."""
     out = Path(out_dir)
     return {
         "imagenet": str(out / "ILSVRC2012"),
@@ -592,3 +593,12 @@ def dataset_paths(out_dir: str | Path) -> dict[str, str]:
         "voc2012": str(out / "VOCdevkit"),
         "sun397": str(out / "SUN397"),
     }
+
+
+# `itl-ray prepare` kind for each of the config's data settings.
+PREPARE_KINDS = {"imagenet": "imagenet", "voc2007": "voc2007", "voc2012": "voc2012-action", "sun397": "sun397"}
+
+
+def prepared_paths(shards_dir: str | Path) -> dict[str, str]:
+    """Where the prepared datasets lie under a shards folder (the config's ``data`` section)."""
+    return {setting: str(Path(shards_dir) / kind) for setting, kind in PREPARE_KINDS.items()}

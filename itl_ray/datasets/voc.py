@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
-from pathlib import Path
-
-from itl_ray.datasets import existing_dir, read_lines, required
+from itl_ray.datasets import Root, read_lines
 from itl_ray.errors import UserError
 
 VOC_CLASSES = (
@@ -38,45 +36,50 @@ class VocObject:
 @dataclass(frozen=True)
 class VocImage:
     image_id: str
-    path: str
+    path: str  # inside the dataset root
     width: int
     height: int
     objects: tuple[VocObject, ...] = field(default_factory=tuple)
+    jpeg: bytes = field(default=b"", repr=False)  # the stored image, when read from prepared shards
 
 
-def year_dir(root: str | Path, year: str) -> Path:
-    """``root`` may be the VOCdevkit folder or the VOC<year> folder inside it."""
-    root = existing_dir(root, f"VOC{year}")
-    if (root / f"VOC{year}").is_dir():
-        return root / f"VOC{year}"
-    if (root / "Annotations").is_dir():
-        return root
-    raise UserError(f"{root} holds neither VOC{year}/ nor Annotations/: point it at VOCdevkit or VOCdevkit/VOC{year}")
+def year_dir(root: Root, year: str) -> str:
+    """The VOC<year> folder relative to ``root``, which may be VOCdevkit or VOC<year> itself."""
+    if root.is_dir(root.path(f"VOC{year}")):
+        return f"VOC{year}"
+    if root.is_dir(root.path("Annotations")):
+        return ""
+    raise UserError(f"{root.display(root.base)} holds neither VOC{year}/ nor Annotations/: point it at VOCdevkit "
+                    f"or VOCdevkit/VOC{year}")
 
 
-def _int(element, tag: str, xml_path: Path) -> int:
+def _int(element, tag: str, name: str) -> int:
     node = element.find(tag)
     if node is None or node.text is None:
-        raise UserError(f"{xml_path}: <{tag}> is missing")
-    return int(float(node.text))
-
-
-def parse_annotation(xml_path: Path, image_dir: Path) -> VocImage:
-    """One VOC annotation file."""
+        raise UserError(f"{name}: <{tag}> is missing")
     try:
-        root = ElementTree.parse(xml_path).getroot()
-    except (ElementTree.ParseError, OSError) as error:
-        raise UserError(f"{xml_path} is not a readable VOC annotation ({error})") from None
-    filename = root.findtext("filename") or f"{xml_path.stem}.jpg"
+        return int(float(node.text))
+    except ValueError:
+        raise UserError(f"{name}: <{tag}> is {node.text!r}, not a number") from None
+
+
+def parse_annotation(text: str, name: str, image_dir: str) -> VocImage:
+    """One VOC annotation file's contents; ``name`` names it in errors."""
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as error:
+        raise UserError(f"{name} is not a readable VOC annotation ({error}); fix or remove it") from None
+    stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    filename = (root.findtext("filename") or f"{stem}.jpg").strip()
     size = root.find("size")
     if size is None:
-        raise UserError(f"{xml_path}: <size> is missing")
+        raise UserError(f"{name}: <size> is missing")
     objects = []
     for node in root.findall("object"):
         box_node = node.find("bndbox")
         if box_node is None:
-            raise UserError(f"{xml_path}: an <object> has no <bndbox>")
-        box = tuple(_int(box_node, tag, xml_path) for tag in ("xmin", "ymin", "xmax", "ymax"))
+            raise UserError(f"{name}: an <object> has no <bndbox>")
+        box = tuple(_int(box_node, tag, name) for tag in ("xmin", "ymin", "xmax", "ymax"))
         actions_node = node.find("actions")
         actions = ()
         if actions_node is not None:
@@ -93,34 +96,39 @@ def parse_annotation(xml_path: Path, image_dir: Path) -> VocImage:
             )
         )
     return VocImage(
-        image_id=xml_path.stem,
-        path=str(image_dir / filename),
-        width=_int(size, "width", xml_path),
-        height=_int(size, "height", xml_path),
+        image_id=stem,
+        path=f"{image_dir}/{filename}".lstrip("/"),
+        width=_int(size, "width", name),
+        height=_int(size, "height", name),
         objects=tuple(objects),
     )
 
 
-def _read_split(base: Path, image_set_dir: str, split: str) -> list[VocImage]:
-    annotations = required(base / "Annotations", "VOC Annotations/")
-    images = required(base / "JPEGImages", "VOC JPEGImages/")
-    split_file = required(base / "ImageSets" / image_set_dir / f"{split}.txt", f"the {split} image list")
+def _read_split(root: Root, base: str, image_set_dir: str, split: str) -> list[VocImage]:
+    def under(*parts: str) -> str:
+        return "/".join(part for part in (base, *parts) if part)
+
+    root.required(under("Annotations"), "VOC Annotations/")
+    root.required(under("JPEGImages"), "VOC JPEGImages/")
+    split_file = root.required(under("ImageSets", image_set_dir, f"{split}.txt"), f"the {split} image list")
     result = []
-    for line in read_lines(split_file):
+    for line in read_lines(root.read_text(split_file)):
         image_id = line.split()[0]
-        xml_path = annotations / f"{image_id}.xml"
-        if not xml_path.is_file():
-            raise UserError(f"{split_file} names {image_id}, but {xml_path} does not exist")
-        image = parse_annotation(xml_path, images)
-        if not Path(image.path).is_file():
-            raise UserError(f"{split_file} names {image_id}, but its image {image.path} does not exist")
+        xml_path = root.path(under("Annotations", f"{image_id}.xml"))
+        if not root.is_file(xml_path):
+            raise UserError(f"{root.display(split_file)} names {image_id}, but {root.display(xml_path)} does not exist")
+        image = parse_annotation(root.read_text(xml_path), root.display(xml_path), under("JPEGImages"))
+        if not root.is_file(root.path(image.path)):
+            raise UserError(f"{root.display(split_file)} names {image_id}, but its image "
+                            f"{root.display(root.path(image.path))} does not exist")
         result.append(image)
     return result
 
 
-def read_voc2007_detection(root: str | Path, split: str) -> list[VocImage]:
+def read_voc2007_detection(location: str, split: str) -> list[VocImage]:
     """VOC 2007 detection images of a split (``trainval`` or ``test``) with all their objects."""
-    images = _read_split(year_dir(root, "2007"), "Main", split)
+    root = Root(location, "VOC2007")
+    images = _read_split(root, year_dir(root, "2007"), "Main", split)
     for image in images:
         for obj in image.objects:
             if obj.name not in VOC_CLASSES:
@@ -128,12 +136,13 @@ def read_voc2007_detection(root: str | Path, split: str) -> list[VocImage]:
     return images
 
 
-def read_voc2012_actions(root: str | Path, split: str) -> list[VocImage]:
+def read_voc2012_actions(location: str, split: str) -> list[VocImage]:
     """VOC 2012 action images of a split (``train`` or ``val``); objects are the annotated persons.
 
     Only persons with an ``<actions>`` element are kept (the ones the challenge scores).
     """
-    images = _read_split(year_dir(root, "2012"), "Action", split)
+    root = Root(location, "VOC2012")
+    images = _read_split(root, year_dir(root, "2012"), "Action", split)
     return [
         VocImage(image.image_id, image.path, image.width, image.height,
                  tuple(obj for obj in image.objects if obj.name == "person" and obj.actions))

@@ -36,7 +36,7 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
     for image in images:
         if not image.objects:
             continue
-        pixels = loader.decode_rgb(image.path)
+        pixels = loader.decode_rgb(image.jpeg, image.image_id)
         height, width = pixels.shape[-2:]
         for person in image.objects:
             xmin, ymin, xmax, ymax = person.box

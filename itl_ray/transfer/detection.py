@@ -328,7 +328,7 @@ def _load(images: list[VocImage], config: DetectionConfig) -> list[_Image]:
     """Decode and scale every image once (antialiased bilinear, as ``loader.resize_short_side``)."""
     loaded = []
     for image in images:
-        pixels = decode_rgb(image.path)
+        pixels = decode_rgb(image.jpeg, image.image_id)
         height, width = pixels.shape[-2:]
         new_height, new_width = _scaled_size(height, width, config)
         scaled = F.interpolate(pixels[None].float(), size=(new_height, new_width), mode="bilinear",

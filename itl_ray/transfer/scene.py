@@ -9,7 +9,6 @@ from typing import Callable
 import torch
 
 from itl_ray import loader, metrics
-from itl_ray.datasets.sun397 import Sun397
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import resize_for
 from itl_ray.transfer.finetune import FinetuneConfig, finetune, predict
@@ -20,14 +19,25 @@ class SceneConfig(FinetuneConfig):
     """Fine-tuning settings for SUN397."""
 
 
-def evaluate_scene(backbone: AlexNet, data: Sun397, config: SceneConfig, device: torch.device, seed: int,
+@dataclass(frozen=True)
+class SceneData:
+    """One SUN397 partition: encoded images and their scenes."""
+
+    classes: tuple[str, ...]  # scene paths like "/a/abbey"
+    train_images: list[bytes]
+    train_labels: list[str]
+    test_images: list[bytes]
+    test_labels: list[str]
+
+
+def evaluate_scene(backbone: AlexNet, data: SceneData, config: SceneConfig, device: torch.device, seed: int,
                    log: Callable[[str], None] = print) -> dict[str, float]:
     index = {scene: i for i, scene in enumerate(data.classes)}
     size = resize_for(backbone.resolution)
-    train_x = loader.load_squares([image.path for image in data.train], size)
-    train_y = torch.tensor([index[image.label] for image in data.train])
-    test_x = loader.load_squares([image.path for image in data.test], size)
-    test_y = torch.tensor([index[image.label] for image in data.test])
+    train_x = loader.load_squares(data.train_images, size)
+    train_y = torch.tensor([index[label] for label in data.train_labels])
+    test_x = loader.load_squares(data.test_images, size)
+    test_y = torch.tensor([index[label] for label in data.test_labels])
     model = finetune(backbone, train_x, train_y, len(data.classes), config, device, seed, log=log, task="sun397")
     predictions = predict(model, test_x, device).argmax(1)
     return {"sun397_acc": 100 * metrics.mean_per_class_accuracy(predictions.numpy(), test_y.numpy())}

@@ -1,0 +1,127 @@
+"""Prepared datasets on disk: pyarrow shards of decode-ready JPEGs plus a manifest, read by row.
+
+A prepared folder (written by ``itl_ray.prepare``) holds::
+
+    PREPARED.json      kind, settings, source, counts: written last, so its presence means complete
+    plan.json          the same identity, written first: an interrupted preparation resumes from it
+    manifest.parquet   one row per image: split, label, source path, boxes, sizes, checksum, shard, offset
+    report.json        images per split and class, skipped files and why
+    shards/shard-NNNNN.arrow   Arrow IPC files with columns item, jpeg, sizes, sha256
+
+Every stored image is a baseline RGB JPEG (grayscale, CMYK and PNG sources are re-encoded), so
+one decoder (nvjpeg on a GPU, libjpeg on a CPU) reads all of them. Trials never copy images: a
+subset is a list of manifest rows, and ``Prepared.read`` fetches those rows' bytes from
+memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from itl_ray.errors import UserError
+
+FORMAT_VERSION = 1
+KINDS = ("imagenet", "voc2007", "voc2012-action", "sun397")
+INFO, PLAN, MANIFEST, REPORT, SHARDS = "PREPARED.json", "plan.json", "manifest.parquet", "report.json", "shards"
+
+# Columns of a shard file; the manifest repeats all but ``jpeg`` and adds the item's metadata.
+SHARD_SCHEMA = pa.schema([
+    ("item", pa.int64()),  # the item's number in the validated plan
+    ("jpeg", pa.binary()),
+    ("width", pa.int32()), ("height", pa.int32()),  # stored size
+    ("source_width", pa.int32()), ("source_height", pa.int32()),
+    ("sha256", pa.string()),  # of the source file's bytes
+])
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / SHARDS / f"shard-{index:05d}.arrow"
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def write_shard(path: Path, columns: dict[str, list], skipped: list[dict]) -> None:
+    """One shard file, atomically; ``skipped`` (files that could not be used, and why) rides in
+    its schema metadata so a resumed preparation still reports them."""
+    schema = SHARD_SCHEMA.with_metadata({"skipped": json.dumps(skipped)})
+    table = pa.table(columns, schema=schema)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(table)
+    os.replace(temporary, path)
+
+
+def read_shard(path: Path) -> pa.Table:
+    """A shard file, memory-mapped (its JPEG bytes are not read until used)."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def shard_skipped(table: pa.Table) -> list[dict]:
+    return json.loads((table.schema.metadata or {}).get(b"skipped", b"[]"))
+
+
+class Prepared:
+    """An opened prepared dataset: its manifest, and its images read by manifest row."""
+
+    def __init__(self, folder: str | Path, kind: str, setting: str = ""):
+        self.folder = Path(folder).expanduser().resolve()
+        where = f"{setting}={folder}" if setting else str(folder)
+        info_file = self.folder / INFO
+        if not info_file.is_file():
+            if (self.folder / PLAN).is_file():
+                raise UserError(f"{where}: its preparation did not finish; rerun `itl-ray prepare {kind} ROOT "
+                                f"{folder}` to complete it")
+            if self.folder.is_dir():
+                raise UserError(f"{where} is not a prepared dataset; run `itl-ray prepare {kind} ROOT OUT` and "
+                                "point the setting at OUT")
+            raise UserError(f"{where} does not exist; run `itl-ray prepare {kind} ROOT OUT` and point the "
+                            "setting at OUT")
+        self.info = json.loads(info_file.read_text())
+        if self.info.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{where} was prepared by another itl_ray version; prepare it again")
+        if self.info.get("kind") != kind:
+            raise UserError(f"{where} holds a prepared {self.info.get('kind')} dataset, not {kind}")
+        self.manifest = pq.read_table(self.folder / MANIFEST)
+        self._shard = self.manifest.column("shard").to_numpy()
+        self._offset = self.manifest.column("offset").to_numpy()
+        self._tables: dict[int, pa.Table] = {}
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    def column(self, name: str) -> list:
+        return self.manifest.column(name).to_pylist()
+
+    def rows_in(self, split: str) -> np.ndarray:
+        """Manifest rows whose comma-separated ``split`` field names ``split``."""
+        return np.array([row for row, splits in enumerate(self.column("split")) if split in splits.split(",")],
+                        dtype=np.int64)
+
+    def _table(self, shard: int) -> pa.Table:
+        if shard not in self._tables:
+            self._tables[shard] = read_shard(shard_path(self.folder, shard))
+        return self._tables[shard]
+
+    def read(self, rows: Sequence[int]) -> list[bytes]:
+        """The JPEG bytes of manifest ``rows``, in the order given."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out: list[bytes] = [b""] * len(rows)
+        shards = self._shard[rows]
+        for shard in np.unique(shards):
+            positions = np.nonzero(shards == shard)[0]
+            offsets = pa.array(self._offset[rows[positions]])
+            for position, data in zip(positions, self._table(int(shard)).column("jpeg").take(offsets).to_pylist()):
+                out[position] = data
+        return out
