@@ -1,87 +1,11 @@
-"""The study's results table from MLflow: one row per trial of an experiment's latest sweep.
+"""The study's results table and plots from MLflow (the same as `itl-ray report`).
 
-    python analysis/report.py --experiment smoke [--out itl_runs/report]
-
-Writes ``results.csv`` and ``results.md`` (trials sorted by pretraining images) and, when
-matplotlib is installed, ``transfer.png`` (each transfer metric against the number of
-pretraining images). Reads ``MLFLOW_TRACKING_URI`` like the sweep does.
+    python analysis/report.py [--experiment NAME] [--out DIR]
 """
 
-from __future__ import annotations
-
-import argparse
-import csv
 import sys
-from pathlib import Path
 
-from itl_ray.errors import UserError
-from itl_ray.tracking import Tracker
-from itl_ray.trial import FINAL_METRICS
-
-COLUMNS = ("run_name", "num_classes", "images_per_class", "label_set", "pretrain_images", *FINAL_METRICS)
-
-
-def latest_sweep_rows(experiment: str) -> list[dict]:
-    tracker = Tracker(experiment)
-    sweeps = tracker.client.search_runs([tracker.experiment_id], filter_string="tags.`itl.role` = 'sweep'",
-                                        order_by=["attributes.start_time DESC"], max_results=1)
-    if not sweeps:
-        raise UserError(f"experiment {experiment!r} in {tracker.uri} has no sweep run; run `itl-ray sweep` first")
-    rows = []
-    for run in tracker.trial_runs(sweeps[0].info.run_id):
-        params, metrics = run.data.params, run.data.metrics
-        row = {"run_name": run.info.run_name}
-        for key in ("num_classes", "images_per_class", "label_set", "pretrain_images"):
-            row[key] = params.get(key, "")
-        for key in FINAL_METRICS:
-            row[key] = round(metrics[key], 2) if key in metrics else ""
-        rows.append(row)
-    return sorted(rows, key=lambda row: -int(row["pretrain_images"] or 0))
-
-
-def write_report(rows: list[dict], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    written = [out / "results.csv", out / "results.md"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return written
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for axis, metric in zip(axes, FINAL_METRICS[1:]):
-        points = sorted((int(r["pretrain_images"]), r[metric]) for r in rows if r[metric] != "")
-        axis.plot([p[0] for p in points], [p[1] for p in points], "o-")
-        axis.set_xlabel("pretraining images")
-        axis.set_title(metric)
-    figure.tight_layout()
-    figure.savefig(out / "transfer.png", dpi=100)
-    written.append(out / "transfer.png")
-    return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", required=True, help="the sweep's name")
-    parser.add_argument("--out", default="itl_runs/report")
-    args = parser.parse_args(argv)
-    try:
-        paths = write_report(latest_sweep_rows(args.experiment), Path(args.out))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "results.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
-
+from itl_ray.report import main
 
 if __name__ == "__main__":
     sys.exit(main())

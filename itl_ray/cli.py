@@ -46,6 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
+    report = commands.add_parser("report", help="the study's tables and plots from MLflow")
+    report.add_argument("--experiment", default=None, help="the sweep's name (default: the latest sweep's)")
+    report.add_argument("--out", default="itl_runs/report", help="folder for results.csv, results.md, transfer.png")
+
     labels = commands.add_parser("labels", help="write a WordNet label set as TSV")
     labels.add_argument("name", help="fine, up_down_<N>, down_up_<N>, pascal_removed, or a split name")
     labels.add_argument("--classes", default=None, help="file of wnids, one per line (default: ILSVRC-2012's 1000)")
@@ -138,6 +142,13 @@ def command_prepare(args) -> int:
     return 0
 
 
+def command_report(args) -> int:
+    from itl_ray.report import report
+
+    report(args.experiment, args.out)
+    return 0
+
+
 def command_labels(args) -> int:
     from itl_ray.wordnet import write_label_set
 
@@ -146,7 +157,7 @@ def command_labels(args) -> int:
 
 
 COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_synth, "prepare": command_prepare,
-            "labels": command_labels}
+            "report": command_report, "labels": command_labels}
 
 
 def main(argv: list[str] | None = None) -> int:

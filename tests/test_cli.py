@@ -80,3 +80,9 @@ def test_missing_wordnet_says_how_to_install(tmp_path):
             "from itl_ray.cli import main; sys.exit(main(['labels', 'fine']))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert_one_line_error(done, "WordNet", "install")
+
+
+def test_report_without_a_store_says_where_it_looked(tmp_path):
+    done = itl_ray("report", cwd=tmp_path)
+    assert_one_line_error(done, "no MLflow store here", "itl_runs/mlflow.db")
+    assert not (tmp_path / "itl_runs").exists()
