@@ -100,7 +100,7 @@ def plan_items(kind: str, location: str) -> list[Item]:
         lists = f"{base}/ImageSets/{'Main' if year == '2007' else 'Action'}".lstrip("/")
         present = [s for s in splits if s in required or root.is_file(root.path(f"{lists}/{s}.txt"))]
         read = voc.read_voc2007_detection if kind == "voc2007" else voc.read_voc2012_actions
-        return _voc_items({split: read(location, split) for split in present})
+        return _voc_items({split: read(root, split) for split in present})
     if kind == "sun397":
         from itl_ray.datasets.sun397 import PARTITIONS, read_sun397
 
@@ -109,7 +109,7 @@ def plan_items(kind: str, location: str) -> list[Item]:
         splits: dict[str, list[str]] = {}
         labels = {}
         for number in numbers:
-            data = read_sun397(location, number)
+            data = read_sun397(root, number)
             for kind_name, images in (("Training", data.train), ("Testing", data.test)):
                 for image in images:
                     splits.setdefault(image.path, []).append(f"{kind_name}_{number:02d}")

@@ -44,6 +44,7 @@ class Root:
             self.fs = fs.LocalFileSystem()
             self.base = str(Path(self.location).expanduser().resolve())
         self.base = self.base.rstrip("/") or "/"
+        self._listings: dict[str, set[str]] = {}
         if not self.is_dir(self.base):
             raise UserError(f"{what} folder {self.location!r} does not exist; point the command or the config's "
                             "data path at the dataset's root")
@@ -73,6 +74,17 @@ class Root:
 
         infos = self.fs.get_file_info(fs.FileSelector(folder, recursive=False))
         return sorted((info.base_name, info.type == fs.FileType.Directory) for info in infos)
+
+    def files_under(self, relative: str) -> set[str]:
+        """Every file below ``relative`` (paths relative to the root), from one recursive listing:
+        far cheaper than a test per file on an object store."""
+        from pyarrow import fs
+
+        key = relative.strip("/")
+        if key not in self._listings:
+            infos = self.fs.get_file_info(fs.FileSelector(self.path(key), recursive=True, allow_not_found=True))
+            self._listings[key] = {self.relative(info.path) for info in infos if info.type == fs.FileType.File}
+        return self._listings[key]
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as stream:

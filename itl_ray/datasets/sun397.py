@@ -25,13 +25,14 @@ def scene_of(relative_path: str) -> str:
     return relative_path.rsplit("/", 1)[0]
 
 
-def read_sun397(location: str, partition: int = 1) -> Sun397:
-    root = Root(location, "SUN397")
+def read_sun397(location: str | Root, partition: int = 1) -> Sun397:
+    root = location if isinstance(location, Root) else Root(location, "SUN397")
     if partition not in PARTITIONS:
         raise UserError(f"SUN397 partition {partition} does not exist: use 1..10")
     root.required("Partitions", "SUN397 Partitions/ (unzip Partitions.zip into the root)")
     classes = tuple(read_lines(root.read_text(root.required("Partitions/ClassName.txt", "Partitions/ClassName.txt"))))
     known = set(classes)
+    files = root.files_under("")
 
     def split(kind: str) -> tuple[LabeledImage, ...]:
         name = f"Partitions/{kind}_{partition:02d}.txt"
@@ -42,7 +43,7 @@ def read_sun397(location: str, partition: int = 1) -> Sun397:
             if scene not in known:
                 raise UserError(f"{listing} names {line}, whose scene is not in ClassName.txt")
             path = line.lstrip("/")
-            if not root.is_file(root.path(path)):
+            if path not in files:
                 raise UserError(f"{listing} names {line}, but {root.display(root.path(path))} does not exist")
             images.append(LabeledImage(path, scene))
         return tuple(images)

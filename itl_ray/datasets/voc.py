@@ -111,23 +111,24 @@ def _read_split(root: Root, base: str, image_set_dir: str, split: str) -> list[V
     root.required(under("Annotations"), "VOC Annotations/")
     root.required(under("JPEGImages"), "VOC JPEGImages/")
     split_file = root.required(under("ImageSets", image_set_dir, f"{split}.txt"), f"the {split} image list")
+    files = root.files_under(base)
     result = []
     for line in read_lines(root.read_text(split_file)):
         image_id = line.split()[0]
         xml_path = root.path(under("Annotations", f"{image_id}.xml"))
-        if not root.is_file(xml_path):
+        if root.relative(xml_path) not in files:
             raise UserError(f"{root.display(split_file)} names {image_id}, but {root.display(xml_path)} does not exist")
         image = parse_annotation(root.read_text(xml_path), root.display(xml_path), under("JPEGImages"))
-        if not root.is_file(root.path(image.path)):
+        if image.path not in files:
             raise UserError(f"{root.display(split_file)} names {image_id}, but its image "
                             f"{root.display(root.path(image.path))} does not exist")
         result.append(image)
     return result
 
 
-def read_voc2007_detection(location: str, split: str) -> list[VocImage]:
+def read_voc2007_detection(location: str | Root, split: str) -> list[VocImage]:
     """VOC 2007 detection images of a split (``trainval`` or ``test``) with all their objects."""
-    root = Root(location, "VOC2007")
+    root = location if isinstance(location, Root) else Root(location, "VOC2007")
     images = _read_split(root, year_dir(root, "2007"), "Main", split)
     for image in images:
         for obj in image.objects:
@@ -136,12 +137,12 @@ def read_voc2007_detection(location: str, split: str) -> list[VocImage]:
     return images
 
 
-def read_voc2012_actions(location: str, split: str) -> list[VocImage]:
+def read_voc2012_actions(location: str | Root, split: str) -> list[VocImage]:
     """VOC 2012 action images of a split (``train`` or ``val``); objects are the annotated persons.
 
     Only persons with an ``<actions>`` element are kept (the ones the challenge scores).
     """
-    root = Root(location, "VOC2012")
+    root = location if isinstance(location, Root) else Root(location, "VOC2012")
     images = _read_split(root, year_dir(root, "2012"), "Action", split)
     return [
         VocImage(image.image_id, image.path, image.width, image.height,
