@@ -174,12 +174,16 @@ def test_imagenet_quirks_are_handled_and_reported(tmp_path):
             assert (pixels[0] == pixels[1]).float().mean() > 0.95
 
 
-def test_flat_val_with_kaggle_solution(tmp_path):
-    quirky_imagenet(tmp_path / "raw")
-    val = tmp_path / "raw" / "val"
-    for path in list(val.rglob("*.JPEG")):
-        path.rename(val / path.name)
+def flat_val_imagenet(root: Path) -> None:
+    """The quirky root with its validation images moved out of their class folders into val/."""
+    quirky_imagenet(root)
+    for path in list((root / "val").rglob("*.JPEG")):
+        path.rename(root / "val" / path.name)
         path.parent.rmdir()
+
+
+def test_flat_val_with_kaggle_solution(tmp_path):
+    flat_val_imagenet(tmp_path / "raw")
     (tmp_path / "raw" / "LOC_val_solution.csv").write_text(
         "ImageId,PredictionString\nILSVRC2012_val_00000002,n01443537 1 2 3 4\n"
         "ILSVRC2012_val_00000001,n01440764 5 6 7 8 n01440764 1 1 2 2\n")
@@ -197,11 +201,7 @@ def test_flat_val_with_kaggle_solution(tmp_path):
 def test_flat_val_with_the_devkit(tmp_path):
     from tests.test_devkit import SYNSETS, mat_file, synsets_struct
 
-    quirky_imagenet(tmp_path / "raw")
-    val = tmp_path / "raw" / "val"
-    for path in list(val.rglob("*.JPEG")):
-        path.rename(val / path.name)
-        path.parent.rmdir()
+    flat_val_imagenet(tmp_path / "raw")
     # Leaves of the devkit's numbering: ILSVRC2012_ID 1 and 2 are this root's two classes.
     synsets = [dict(SYNSETS[0], WNID="n01443537"), SYNSETS[1], dict(SYNSETS[2], WNID="n01440764")]
     devkit = tmp_path / "raw" / "ILSVRC2012_devkit_t12" / "data"
