@@ -4,15 +4,29 @@ Ray is an adapter here: the trainable calls ``trial.run_trial`` and forwards its
 ``tune.report``; a Tune callback on the driver writes them to MLflow (one writer, one run per
 trial, found again by its trial id on a retry or resume). ``Tuner``, ``TuneConfig`` and
 ``RunConfig`` are built in ``run_sweep``, in one place.
+
+Where a trial's state lives: the trial works in a node-local folder (its Tune trial directory)
+and reports that folder as a Tune checkpoint with every epoch, finished stage and final result.
+Ray copies each checkpoint to ``spec.storage`` (a local path, or s3:// on a cluster), which every
+node sees. A trial that Tune retries (``FailureConfig``), on this node or another, starts from its
+last checkpoint; ``--resume`` starts each trial from the checkpoint that its MLflow run names (tag
+``itl.checkpoint``, set as each checkpoint arrives). Either way pretraining resumes after its last
+finished epoch and finished transfer stages are skipped (``trial.run_trial``).
+
+No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
+sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
 from pathlib import Path
 
 from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
+from itl_ray.errors import UserError
 from itl_ray.trial import FINAL_METRICS
 
 # Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
@@ -20,6 +34,12 @@ from itl_ray.trial import FINAL_METRICS
 # fine-tunings of one trial (orders of magnitude, not promises).
 SECONDS_PER_IMAGE_EPOCH = 1 / 25000
 TRANSFER_GPU_HOURS = 1.5
+
+REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
+CHECKPOINTED = ("epoch", "stage", "final")  # reports that carry the trial's folder as a checkpoint
+# `ray up` writes the cluster's config here on the head node; its node types say how many GPUs
+# a node can have, also before the autoscaler has started one.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:
@@ -58,8 +78,59 @@ def dry_run(spec: SweepSpec) -> str:
     return "\n".join(lines)
 
 
+def storage_root(storage: str) -> str:
+    """``spec.storage`` as Ray takes it: a URI (s3://, gs://) as it is, a local path made absolute."""
+    return storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# GPUs: refuse a trial no node can hold (Tune would wait for it forever)
+# ---------------------------------------------------------------------------------------------
+
+def check_gpus(gpus_per_trial: float, alive_nodes: list[float], node_types: dict[str, float]) -> None:
+    """``alive_nodes``: GPUs of each node now in the cluster; ``node_types``: GPUs of each node type
+    the autoscaler can start (empty when there is no autoscaler)."""
+    largest = max([*alive_nodes, *node_types.values()], default=0.0)
+    if gpus_per_trial > largest:
+        types = ", ".join(f"{name}: {gpus:g}" for name, gpus in sorted(node_types.items())) or "none"
+        raise UserError(f"resources.gpus_per_trial={gpus_per_trial:g} but the largest node has {largest:g} GPUs "
+                        f"(alive nodes: {', '.join(f'{g:g}' for g in alive_nodes) or 'none'}; node types: {types}); "
+                        "lower gpus_per_trial or add a node type with more GPUs")
+
+
+def node_type_gpus(path: str = BOOTSTRAP_CONFIG) -> dict[str, float]:
+    """GPUs per node type of the autoscaler config that `ray up` left on this (head) node, if any."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return {}
+    types = (yaml.safe_load(file.read_text()) or {}).get("available_node_types") or {}
+    return {name: float((spec.get("resources") or {}).get("GPU", 0)) for name, spec in types.items()}
+
+
+def alive_node_gpus() -> list[float]:
+    import ray
+
+    return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainable (runs on a worker node)
+# ---------------------------------------------------------------------------------------------
+
+def restore_folder(workdir: Path, checkpoint) -> None:
+    """Make ``workdir`` exactly the checkpoint's folder (empty without one): the checkpoint, not
+    whatever an earlier attempt left on this node, is the trial's state."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    if checkpoint is not None:
+        checkpoint.to_directory(str(workdir))
+
+
 def _trainable(params: dict) -> None:
     """The Ray Tune function trainable: runs one trial and reports through ``tune.report``."""
+    import ray
     import torch
     from ray import tune
 
@@ -70,44 +141,88 @@ def _trainable(params: dict) -> None:
     if not config.threads:
         torch.set_num_threads(max(1, int(params["cpus"])))
 
-    def report(kind: str, payload: dict, step: int | None) -> None:
-        tune.report({"itl_kind": kind, "itl_step": step if step is not None else -1, "itl_payload": payload})
-
     def log(line: str) -> None:
         print(f"[{params['name']}] {line}", flush=True)
 
-    run_trial(config, Path(params["workdir"]), report, log)
+    # A retry gets Tune's latest checkpoint of this trial; a resumed sweep the one MLflow names.
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and params.get("resume_from"):
+        checkpoint = tune.Checkpoint(params["resume_from"])
+    workdir = Path(tune.get_context().get_trial_dir()) / "work"  # node-local
+    restore_folder(workdir, checkpoint)
+    where = f"from checkpoint {checkpoint.path}" if checkpoint is not None else "from scratch"
+    log(f"on node {ray.get_runtime_context().get_node_id()}, starting {where}")
+
+    def report(kind: str, payload: dict, step: int | None) -> None:
+        with open(workdir / REPORT_LOG, "a") as handle:
+            handle.write(json.dumps({"kind": kind, "step": step, "payload": payload}) + "\n")
+        folder = tune.Checkpoint.from_directory(str(workdir)) if kind in CHECKPOINTED else None
+        tune.report({"itl_kind": kind, "itl_step": step if step is not None else -1, "itl_payload": payload},
+                    checkpoint=folder)
+
+    run_trial(config, workdir, report, log)
+    shutil.rmtree(workdir, ignore_errors=True)  # all of it is in the last checkpoint; free this node's disk
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver side: MLflow
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_uri(checkpoint) -> str:
+    """Where a Tune checkpoint lies, as a path or URI that ``tune.Checkpoint(...)`` reads back."""
+    scheme = checkpoint.filesystem.type_name
+    return checkpoint.path if scheme == "local" else f"{scheme}://{checkpoint.path}"
+
+
+def read_report_log(checkpoint) -> list[dict]:
+    """The trial's reports kept in a checkpoint (none when the checkpoint has no log)."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{REPORT_LOG}") as stream:
+            text = stream.read().decode()
+    except (FileNotFoundError, OSError):
+        return []
+    reports = []
+    for line in text.splitlines():
+        try:
+            reports.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash; its checkpoint came later or never
+            continue
+    return reports
 
 
 def _mlflow_callback(tracker, parent_run_id: str):
     from ray.tune import Callback
 
     class MlflowTrials(Callback):
-        """Writes each trial's params and metrics to its one MLflow run."""
+        """Writes each trial's params and metrics to its one MLflow run, and tags the run with the
+        trial's latest checkpoint (before Tune deletes the one before it)."""
 
         def __init__(self):
             self.runs: dict[str, str] = {}
 
-        def _run(self, trial) -> str:
-            tid, name = trial.config["trial"]["trial_id"], trial.config["trial"]["name"]
+        def run_of(self, trial_config: dict) -> str:
+            tid, name = trial_config["trial_id"], trial_config["name"]
             if tid not in self.runs:
                 self.runs[tid] = tracker.trial_run(tid, name, parent_run_id)
             return self.runs[tid]
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            self._run(trial)
+            self.run_of(trial.config["trial"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             kind = result.get("itl_kind")
-            if kind in ("params", "epoch", "final"):
+            if kind in ("params", *CHECKPOINTED):
                 step = int(result["itl_step"]) if kind == "epoch" else None
-                tracker.record(self._run(trial), kind, result.get("itl_payload") or {}, step)
+                tracker.record(self.run_of(trial.config["trial"]), kind, result.get("itl_payload") or {}, step)
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            tracker.set_checkpoint(self.run_of(trial.config["trial"]), checkpoint_uri(checkpoint))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tracker.finish(self._run(trial))
+            tracker.finish(self.run_of(trial.config["trial"]))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            tracker.finish(self._run(trial), failed=True)
+            tracker.finish(self.run_of(trial.config["trial"]), failed=True)
 
     return MlflowTrials()
 
@@ -129,35 +244,39 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     from ray import tune
 
     from itl_ray.tracking import Tracker
-
     from itl_ray.trial import read_inputs
 
     for config in spec.trials():  # bad data paths or settings fail here, before Ray starts
         read_inputs(config)
     tracker = Tracker(spec.trial.name)  # fails fast on an unreachable server, before any trial
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level="ERROR")  # RAY_ADDRESS or `ray start` here: that cluster
+    check_gpus(spec.resources.gpus_per_trial, alive_node_gpus(), node_type_gpus())
     sid = sweep_id(spec)
     parent = tracker.sweep_run(sid, spec.trial.name, resume)
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),
                                 **{f"grid.{key}": values for key, values in spec.grid.items()}})
-    storage = Path(spec.storage).expanduser().resolve()
+    checkpoints = tracker.trial_checkpoints(parent) if resume else {}
     keys = varying_keys(spec)
     trials = [
         {"config": to_dict(config), "trial_id": trial_id(config), "name": trial_name(config, keys),
-         "workdir": str(storage / "trials" / parent / trial_id(config)), "cpus": spec.resources.cpus_per_trial}
+         "cpus": spec.resources.cpus_per_trial, "resume_from": checkpoints.get(trial_id(config))}
         for config in ordered_trials(spec)
     ]
-    log(f"sweep {spec.trial.name!r}: {len(trials)} trials; MLflow {tracker.uri}, parent run {parent}")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR")
+    resumed = sum(trial["resume_from"] is not None for trial in trials)
+    log(f"sweep {spec.trial.name!r}: {len(trials)} trials ({resumed} from checkpoints); MLflow {tracker.uri}, "
+        f"parent run {parent}")
+    callback = _mlflow_callback(tracker, parent)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}),
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
         run_config=tune.RunConfig(
-            name=f"{spec.trial.name}-{parent[:8]}",
-            storage_path=str(storage / "ray"),
-            callbacks=[_mlflow_callback(tracker, parent)],
+            name=f"{spec.trial.name}-{parent[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",  # one per driver run
+            storage_path=storage_root(spec.storage),
+            callbacks=[callback],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
         ),
     )
@@ -173,6 +292,14 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
             failed = True
             row["error"] = str(result.error).strip().splitlines()[-1] if result.error else "no final metrics"
         rows.append(row)
+        # Whatever the live callback missed (a driver killed between a report and its MLflow
+        # write), the trial's report log in its latest checkpoint still holds.
+        latest = result.checkpoint or (tune.Checkpoint(trial["resume_from"]) if trial.get("resume_from") else None)
+        if trial.get("trial_id") and latest is not None:
+            run_id = callback.run_of(trial)
+            for report in read_report_log(latest):
+                tracker.record(run_id, report["kind"], report["payload"] or {}, report["step"])
+            tracker.finish(run_id, failed="error" in row)
     order = {trial["trial_id"]: index for index, trial in enumerate(trials)}
     rows.sort(key=lambda row: order.get(row["trial_id"], len(order)))
     tracker.finish(parent, failed=failed)
