@@ -50,6 +50,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default=None, help="the sweep's name (default: the latest sweep's)")
     report.add_argument("--out", default="itl_runs/report", help="folder for results.csv, results.md, transfer.png")
 
+    bench = commands.add_parser("bench", help="time the input pipeline + AlexNet training against the torchvision "
+                                              "ImageFolder baseline, on generated images")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when there is one")
+    bench.add_argument("--images", type=int, default=None, help="generated training images (CPU 1000, CUDA 10000)")
+    bench.add_argument("--classes", type=int, default=None, help="classes (default 100)")
+    bench.add_argument("--batch-size", type=int, default=None, help="CPU 64, CUDA 512")
+    bench.add_argument("--resolution", type=int, default=None, help="crop side in px (CPU 64, CUDA 224)")
+    bench.add_argument("--width", type=float, default=None, help="AlexNet channel multiplier (CPU 0.25, CUDA 1.0)")
+    bench.add_argument("--model", choices=("itl", "torchvision"), default=None,
+                       help="itl: the study's AlexNet (default); torchvision: torchvision.models.alexnet")
+    bench.add_argument("--seconds", type=float, default=None, help="timed seconds per measurement (CPU 12, CUDA 10)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 3, CUDA 15)")
+    bench.add_argument("--workers", type=int, default=None, help="DataLoader processes and decode threads "
+                                                                  "(default: all cores)")
+    bench.add_argument("--short-side", default=None, metavar="PX[,PX...]",
+                       help="shorter side of the project's shards, one run each (default: 256/224 of the resolution)")
+    bench.add_argument("--cpu-share", default=None, metavar="F[,F...]",
+                       help="CUDA: fractions of each batch decoded by CPU threads, one run each (default 0,0.5)")
+    bench.add_argument("--compile", choices=("auto", "on", "off"), default=None,
+                       help="torch.compile the project's training step (auto: on CUDA)")
+    bench.add_argument("--max-seconds", type=float, default=None,
+                       help="skip project runs that would end later than this (the first always runs)")
+    bench.add_argument("--work", default=None, help="keep the images and shards in this folder (reused next time)")
+
     labels = commands.add_parser("labels", help="write a WordNet label set as TSV")
     labels.add_argument("name", help="fine, up_down_<N>, down_up_<N>, pascal_removed, or a split name")
     labels.add_argument("--classes", default=None, help="file of wnids, one per line (default: ILSVRC-2012's 1000)")
@@ -156,8 +180,39 @@ def command_labels(args) -> int:
     return 0
 
 
+def _numbers(text: str, kind, option: str) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"{option} expects comma-separated numbers, got {text!r}") from None
+
+
+def command_bench(args) -> int:
+    import dataclasses
+    import json
+
+    import torch
+
+    from itl_ray.bench import BenchSettings, run_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = BenchSettings.defaults(device)
+    given = {"images": args.images, "classes": args.classes, "batch_size": args.batch_size,
+             "resolution": args.resolution, "width": args.width, "model": args.model, "seconds": args.seconds,
+             "warmup": args.warmup, "workers": args.workers, "compile": args.compile, "work": args.work,
+             "max_seconds": args.max_seconds}
+    if args.short_side is not None:
+        given["short_sides"] = _numbers(args.short_side, int, "--short-side")
+    if args.cpu_share is not None:
+        given["cpu_decode_shares"] = _numbers(args.cpu_share, float, "--cpu-share")
+    settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value is not None})
+    result = run_bench(settings, log=lambda line: print(line, flush=True))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_synth, "prepare": command_prepare,
-            "report": command_report, "labels": command_labels}
+            "report": command_report, "labels": command_labels, "bench": command_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,21 +5,34 @@ the smaller subsets is not given in its text, so it is an assumption here): SGD 
 weight decay 5e-4, batch 256, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs, random
 crops and flips. The number of epochs is the same for every subset size (smaller subsets get fewer
 iterations).
+
+Speed (see itl_ray/loader.py and ``itl-ray bench``): images come from the prepared shards through
+the fast input pipeline by default (decoded on the GPU or by CPU threads, crops batched, prefetched
+while the previous step trains); on CUDA the step runs under bf16 autocast with channels_last
+memory and torch.compile. Resuming is exact on a CPU: the checkpoint holds the model, optimizer,
+scheduler, the crop generator, torch's global generator (dropout) and the epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from itl_ray import loader
 from itl_ray.errors import UserError
+from itl_ray.loader import ImageRows
 from itl_ray.models import AlexNet
+
+PIPELINES = ("fast", "torchvision")
+PRECISIONS = ("auto", "bf16", "fp32")
+SWITCHES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,30 @@ class PretrainConfig:
     lr_drop_every: int = 30  # epochs
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # How images reach the model. These settings change speed, not what is learnt: the same seed
+    # gives the same order, crops and flips with any pipeline, device or thread count.
+    # Input pipeline: fast (loader.FastLoader: decoded once into a cache, or every epoch by CPU
+    # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
+    # DataLoader processes, the plain way, kept for comparison).
+    pipeline: str = "fast"
+    # crop: the study's (Caffe's) random crops of the image resized to 256/224 of the crop and
+    # center-squared; random_resized_crop: torchvision's (8-100% of the area, aspect 3/4..4/3).
+    # Both flip half the images.
+    augment: str = "crop"
+    # Decode threads (fast) or DataLoader processes (torchvision); 0: automatic (a GPU: all cores
+    # but two; a CPU: a quarter of torch's threads, which train on the rest while they decode).
+    workers: int = 0
+    prefetch: int = 4  # batches decoded ahead of the training step
+    # fast: a set whose decoded squares fit in this many GiB is decoded once and kept on the
+    # training device (the demo's subsets: tens of MiB); larger sets are decoded every epoch.
+    cache_gib: float = 2.0
+    # fast on a GPU, decoding every epoch: the fraction of each batch decoded by the CPU threads,
+    # the rest by nvJPEG on the GPU (whose decoding competes with training for the SMs).
+    cpu_decode_share: float = 0.5
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on a CPU), bf16 or fp32
+    channels_last: str = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
+    # torch.compile the training step: auto (on CUDA), on or off; eager again if compiling fails.
+    compile: str = "auto"
 
     def validate(self, path: str) -> None:
         prefix = f"{path}." if path else ""
@@ -43,14 +80,115 @@ class PretrainConfig:
             raise UserError(f"{prefix}num_classes must be >= 1 or null (all classes)")
         if self.shortfall not in ("take_all", "error"):
             raise UserError(f"{prefix}shortfall must be take_all or error, got {self.shortfall!r}")
-        for key in ("epochs", "batch_size", "lr_drop_every"):
+        for key in ("epochs", "batch_size", "lr_drop_every", "prefetch"):
             if getattr(self, key) < 1:
                 raise UserError(f"{prefix}{key} must be >= 1")
+        for key, allowed in (("pipeline", PIPELINES), ("augment", loader.AUGMENTATIONS), ("precision", PRECISIONS),
+                             ("channels_last", SWITCHES), ("compile", SWITCHES)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.workers < 0:
+            raise UserError(f"{prefix}workers must be >= 0 (0: automatic), got {self.workers}")
+        if self.cache_gib < 0:
+            raise UserError(f"{prefix}cache_gib must be >= 0 (0: never cache), got {self.cache_gib}")
+        if not 0.0 <= self.cpu_decode_share <= 1.0:
+            raise UserError(f"{prefix}cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
 
 
 def resize_for(resolution: int) -> int:
     """Stored short side for random crops of ``resolution`` (256 for 224: ImageNet's usual ratio)."""
-    return round(resolution * 256 / 224)
+    return loader.short_side_for(resolution)
+
+
+def switched(value: str, device: torch.device) -> bool:
+    """An auto/on/off setting: auto means on for CUDA."""
+    return device.type == "cuda" if value == "auto" else value == "on"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, device: torch.device, train: bool,
+                log: Callable[[str], None] = print):
+    """The loader ``config.pipeline`` names, for training (random crops) or evaluation (center crops)."""
+    common = dict(augment=config.augment, train=train, prefetch=config.prefetch,
+                  channels_last=switched(config.channels_last, device), log=log)
+    if config.pipeline == "torchvision":
+        return loader.TorchvisionLoader(images, resolution, config.batch_size, device,
+                                        workers=config.workers or loader.default_workers(device), **common)
+    return loader.FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
+                             cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
+
+
+class TrainStep:
+    """One SGD step on a batch: autocast when asked (bf16), the model torch.compile'd when asked
+    (eager again, with a log line, if compiling fails). Returns the loss, detached, on the device
+    (no host sync, so the loader and the GPU keep running ahead)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 dtype: torch.dtype | None = None, compile: bool = False, log: Callable[[str], None] = print):
+        self.model, self.optimizer, self.device, self.dtype, self.log = model, optimizer, device, dtype, log
+        self.compiled = torch.compile(model, dynamic=False) if compile else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _step(self, forward, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = F.cross_entropy(forward(images), labels)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self._step(self.compiled, images, labels)
+            except Exception as error:  # any compiler failure, in forward or backward: train eagerly
+                first_line = str(error).splitlines()[0][:160] if str(error) else ""
+                self.log(f"pretrain: torch.compile failed ({type(error).__name__}: {first_line}); training eagerly")
+                self.compiled = None
+        return self._step(self.model, images, labels)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable, dtype: torch.dtype | None = None) -> float:
+    """Top-1 accuracy (fraction) over (images, labels) batches."""
+    model.eval()
+    correct, total = None, 0
+    for images, labels in batches:
+        with torch.autocast(images.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            hits = (model(images).argmax(1) == labels).sum()
+        correct = hits if correct is None else correct + hits
+        total += len(labels)
+    return 0.0 if correct is None else correct.item() / max(1, total)
+
+
+def top1(model: AlexNet, val: ImageRows, config: PretrainConfig, device: torch.device) -> float:
+    """Top-1 accuracy (fraction) of ``model`` on center crops of ``val`` at the model's resolution."""
+    device = torch.device(device)
+    model.to(device)
+    with make_loader(val, model.resolution, config, device, train=False, log=lambda line: None) as batches:
+        return evaluate(model, batches.epoch(), autocast_dtype(config.precision, device))
+
+
+@contextlib.contextmanager
+def threads_beside(batches):
+    """On a CPU, train with torch's threads minus the loader's decoders while they decode beside the
+    step (restored afterwards)."""
+    before = torch.get_num_threads()
+    if batches.decodes_while_training:
+        torch.set_num_threads(max(1, before - batches.workers))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def save_atomically(state: dict, path: Path) -> None:
@@ -60,24 +198,10 @@ def save_atomically(state: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-@torch.no_grad()
-def top1(model: AlexNet, images: torch.Tensor, labels: torch.Tensor, device: torch.device, batch_size: int = 256) -> float:
-    """Top-1 accuracy (fraction) on center crops at the model's resolution."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        batch = loader.center_crops(images[start : start + batch_size], model.resolution)
-        logits = model(loader.normalize(batch.to(device)))
-        correct += (logits.argmax(1).cpu() == labels[start : start + batch_size]).sum().item()
-    return correct / max(1, len(images))
-
-
 def pretrain(
     model: AlexNet,
-    train_images: torch.Tensor,
-    train_labels: torch.Tensor,
-    val_images: torch.Tensor,
-    val_labels: torch.Tensor,
+    train: ImageRows,
+    val: ImageRows,
     config: PretrainConfig,
     device: torch.device,
     seed: int,
@@ -85,49 +209,70 @@ def pretrain(
     on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train ``model`` in place; resumes from ``checkpoint`` when it exists. Returns final metrics
-    (``pretrain_top1`` in percent on the validation images of the trained classes)."""
+    """Train ``model`` in place on ``train``; resumes from ``checkpoint`` when it exists. Returns final
+    metrics (``pretrain_top1`` in percent on ``val``, the validation images of the trained classes)."""
+    device = torch.device(device)
+    channels_last = switched(config.channels_last, device)
+    dtype = autocast_dtype(config.precision, device)
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_drop_every, gamma=0.1)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the crops and the order of every epoch
     start_epoch = 1
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
+        if "torch_rng" in state:  # dropout draws from torch's global generator
+            torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         start_epoch = state["epoch"] + 1
         log(f"pretrain: resumed after epoch {state['epoch']}")
-    count = len(train_images)
     accuracy = None
-    for epoch in range(start_epoch, config.epochs + 1):
-        model.train()
-        order = torch.randperm(count, generator=generator)
-        total_loss, steps = 0.0, 0
-        for start in range(0, count, config.batch_size):
-            index = order[start : start + config.batch_size]
-            batch = loader.random_crops(train_images[index], model.resolution, generator)
-            logits = model(loader.normalize(batch.to(device)))
-            loss = F.cross_entropy(logits, train_labels[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item()
-            steps += 1
-        scheduler.step()
-        accuracy = top1(model, val_images, val_labels, device)
-        metrics = {"pretrain_loss": total_loss / max(1, steps), "pretrain_val_top1": 100 * accuracy}
-        save_atomically(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch},
-            checkpoint,
-        )
-        log(f"pretrain: epoch {epoch}/{config.epochs} loss {metrics['pretrain_loss']:.3f} "
-            f"val top-1 {metrics['pretrain_val_top1']:.1f}%")
-        on_epoch(epoch, metrics)
-    if accuracy is None:  # every epoch was done before this call
-        accuracy = top1(model, val_images, val_labels, device)
+    with contextlib.ExitStack() as stack:
+        if channels_last:  # hand the model back in the usual layout
+            stack.callback(model.to, memory_format=torch.contiguous_format)
+        train_batches = stack.enter_context(make_loader(train, model.resolution, config, device, train=True, log=log))
+        val_batches = stack.enter_context(make_loader(val, model.resolution, config, device, train=False, log=log))
+        training_threads = stack.enter_context(threads_beside(train_batches))
+        if start_epoch <= config.epochs:
+            where = device.type if device.type == "cuda" else f"{training_threads} CPU threads"
+            log(f"pretrain: {train_batches.describe()}, batch {config.batch_size}, "
+                f"{'bf16' if dtype else 'fp32'}{', channels_last' if channels_last else ''} on {where}")
+        compile = switched(config.compile, device) and start_epoch <= config.epochs
+        step = TrainStep(model, optimizer, device, dtype, compile, log)
+        for epoch in range(start_epoch, config.epochs + 1):
+            model.train()
+            started = time.perf_counter()
+            total_loss, steps, seen = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+            for images, labels in train_batches.epoch(generator):
+                total_loss += step(images, labels)
+                steps += 1
+                seen += len(labels)
+            loss = total_loss.item() / max(1, steps)  # waits for the epoch's last step
+            rate = seen / max(1e-9, time.perf_counter() - started)
+            scheduler.step()
+            accuracy = evaluate(model, val_batches.epoch(), dtype)
+            metrics = {"pretrain_loss": loss, "pretrain_val_top1": 100 * accuracy}
+            save_atomically(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                 "epoch": epoch, "config": asdict(config)},
+                checkpoint,
+            )
+            log(f"pretrain: epoch {epoch}/{config.epochs} loss {metrics['pretrain_loss']:.3f} "
+                f"val top-1 {metrics['pretrain_val_top1']:.1f}% ({rate:,.0f} img/s)")
+            on_epoch(epoch, metrics)
+        if accuracy is None:  # every epoch was done before this call
+            accuracy = evaluate(model, val_batches.epoch(), dtype)
     return {"pretrain_top1": 100 * accuracy}

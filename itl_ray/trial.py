@@ -27,7 +27,7 @@ from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.voc import VocImage, VocObject
 from itl_ray.errors import UserError
 from itl_ray.models import AlexNet
-from itl_ray.pretrain import pretrain, resize_for, top1
+from itl_ray.pretrain import pretrain, top1
 from itl_ray.shards import Prepared
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
@@ -37,7 +37,7 @@ from itl_ray.transfer.scene import SceneData, evaluate_scene
 FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
 
 # report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
-# step = epoch) or "final" (all final metrics).
+# step = epoch), "stage" (a finished transfer stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
 
 
@@ -192,7 +192,6 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
 
     torch.manual_seed(config.seed)
     model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
-    size = resize_for(config.model.resolution)
     backbone_file = workdir / "backbone.pt"
     labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
@@ -200,17 +199,17 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         log("pretrain: done earlier, weights loaded")
     else:
         log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
-        val_x = loader.load_squares(inputs.imagenet.read(inputs.val_rows), size)
-        val_y = torch.tensor([group_index[mapping[labels[row]]] for row in inputs.val_rows], dtype=torch.long)
+
+        def images(rows: np.ndarray) -> loader.ImageRows:  # shard rows with their (label set's) class index
+            return loader.ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
+
         if pre.images_per_class == 0:
-            result = {"pretrain_top1": 100 * top1(model.to(device), val_x, val_y, device)}
+            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
-            train_x = loader.load_squares(inputs.imagenet.read(inputs.train_rows), size)
-            train_y = torch.tensor([group_index[mapping[labels[row]]] for row in inputs.train_rows], dtype=torch.long)
             result = pretrain(
-                model, train_x, train_y, val_x, val_y, pre, device, config.seed, workdir / "pretrain.pt",
-                on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
+                model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
+                workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
             )
         torch.save(model.cpu().state_dict(), backbone_file)
         store.save("pretrain", result)
