@@ -55,13 +55,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from itl_ray.errors import UserError
-from itl_ray.shards import Prepared, read_shard, shard_path
+from itl_ray.shards import Prepared
 
 # torchvision 0.29 announces that its image decoders move to torchcodec; they still work here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -190,35 +189,15 @@ _READONLY_WARNED = False
 
 
 class ShardBytes:
-    """JPEG bytes of manifest rows as uint8 tensors that view the memory-mapped shard files."""
+    """JPEG bytes of manifest rows as uint8 tensors viewing the memory-mapped shards (``Prepared.views``)."""
 
     def __init__(self, data: Prepared):
         self.data = data
-        self._shard = data.manifest.column("shard").to_numpy()
-        self._offset = data.manifest.column("offset").to_numpy()
-        self._columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def _column(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            if shard not in self._columns:
-                jpeg = read_shard(shard_path(self.data.folder, shard)).column("jpeg")
-                array = jpeg.chunk(0) if jpeg.num_chunks == 1 else jpeg.combine_chunks()
-                _, offsets, values = array.buffers()
-                kind = np.int64 if pa.types.is_large_binary(array.type) else np.int32
-                starts = np.frombuffer(offsets, dtype=kind)[array.offset : array.offset + len(array) + 1]
-                self._columns[shard] = (starts, np.frombuffer(values, dtype=np.uint8))
-            return self._columns[shard]
 
     def views(self, rows: np.ndarray) -> list[torch.Tensor]:
         """Tensors viewing the rows' bytes (read-only memory: the decoders only read them)."""
         _quiet_readonly_warning()
-        out = []
-        for row in rows:
-            starts, values = self._column(int(self._shard[row]))
-            offset = self._offset[row]
-            out.append(torch.from_numpy(values[starts[offset] : starts[offset + 1]]))
-        return out
+        return [torch.from_numpy(view) for view in self.data.views(rows)]
 
 
 # ---------------------------------------------------------------------------------------------

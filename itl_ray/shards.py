@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -96,7 +97,8 @@ class Prepared:
         self.manifest = pq.read_table(self.folder / MANIFEST)
         self._shard = self.manifest.column("shard").to_numpy()
         self._offset = self.manifest.column("offset").to_numpy()
-        self._tables: dict[int, pa.Table] = {}
+        self._jpegs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (byte offsets, bytes)
+        self._lock = threading.Lock()  # decode threads read concurrently
 
     def __len__(self) -> int:
         return self.manifest.num_rows
@@ -109,19 +111,27 @@ class Prepared:
         return np.array([row for row, splits in enumerate(self.column("split")) if split in splits.split(",")],
                         dtype=np.int64)
 
-    def _table(self, shard: int) -> pa.Table:
-        if shard not in self._tables:
-            self._tables[shard] = read_shard(shard_path(self.folder, shard))
-        return self._tables[shard]
+    def _jpeg_column(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's JPEG column as (start offsets, all bytes), viewing the memory-mapped file."""
+        with self._lock:
+            if shard not in self._jpegs:
+                jpeg = read_shard(shard_path(self.folder, shard)).column("jpeg")
+                array = jpeg.chunk(0) if jpeg.num_chunks == 1 else jpeg.combine_chunks()
+                _, offsets, values = array.buffers()
+                kind = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+                starts = np.frombuffer(offsets, dtype=kind)[array.offset : array.offset + len(array) + 1]
+                self._jpegs[shard] = (starts, np.frombuffer(values, dtype=np.uint8))
+            return self._jpegs[shard]
+
+    def views(self, rows: Sequence[int]) -> list[np.ndarray]:
+        """The JPEG bytes of manifest ``rows`` as read-only uint8 arrays over the shard files (no copy)."""
+        out = []
+        for row in rows:
+            starts, values = self._jpeg_column(int(self._shard[row]))
+            offset = self._offset[row]
+            out.append(values[starts[offset] : starts[offset + 1]])
+        return out
 
     def read(self, rows: Sequence[int]) -> list[bytes]:
         """The JPEG bytes of manifest ``rows``, in the order given."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out: list[bytes] = [b""] * len(rows)
-        shards = self._shard[rows]
-        for shard in np.unique(shards):
-            positions = np.nonzero(shards == shard)[0]
-            offsets = pa.array(self._offset[rows[positions]])
-            for position, data in zip(positions, self._table(int(shard)).column("jpeg").take(offsets).to_pylist()):
-                out[position] = data
-        return out
+        return [view.tobytes() for view in self.views(rows)]
