@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from itl_ray.datasets import Root
 from itl_ray.errors import UserError
+from itl_ray.files import atomic_path, write_json
 from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, REPORT, SHARDS, read_shard, shard_path,
-                            shard_skipped, write_json, write_shard)
+                            shard_skipped, write_shard)
 
 # Stored shorter side per kind: ImageNet and SUN397 are trained on 224-227 px crops of 256 px images;
 # VOC images (at most 500 px) are kept at their size for detection and person crops.
@@ -265,9 +266,8 @@ def _finish(out: Path, items: list[Item], shard_count: int, identity: dict) -> d
             for name in ("width", "height", "source_width", "source_height", "sha256"):
                 columns[name].append(stored[name][offset])
     manifest = pa.table(columns)
-    temporary = out / f".{MANIFEST}.tmp"
-    pq.write_table(manifest, temporary)
-    os.replace(temporary, out / MANIFEST)
+    with atomic_path(out / MANIFEST) as temporary:
+        pq.write_table(manifest, temporary)
 
     per_split: dict[str, Counter] = {}
     for splits, label in zip(columns["split"], columns["label"]):

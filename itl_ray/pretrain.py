@@ -6,7 +6,7 @@ weight decay 5e-4, batch 256, learning rate 0.01 divided by 10 every 30 epochs, 
 crops and flips. The number of epochs is the same for every subset size (smaller subsets get fewer
 iterations).
 
-Speed (see itl_ray/loader.py and ``itl-ray bench``): images come from the prepared shards through
+Speed (see itl_ray/fast_loader.py and ``itl-ray bench``): images come from the prepared shards through
 the fast input pipeline by default (decoded on the GPU or by CPU threads, crops batched, prefetched
 while the previous step trains); on CUDA the step runs under bf16 autocast with channels_last
 memory and torch.compile. Resuming is exact on a CPU: the checkpoint holds the model, optimizer,
@@ -16,7 +16,6 @@ scheduler, the crop generator, torch's global generator (dropout) and the epoch.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +24,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from itl_ray import loader
+from itl_ray.crop_plans import AUGMENTATIONS
 from itl_ray.errors import UserError
-from itl_ray.loader import ImageRows
+from itl_ray.fast_loader import FastLoader, default_workers
+from itl_ray.files import atomic_path
+from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
+from itl_ray.torchvision_loader import TorchvisionLoader
 
 PIPELINES = ("fast", "torchvision")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -49,7 +51,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     # How images reach the model. These settings change speed, not what is learnt: the same seed
     # gives the same order, crops and flips with any pipeline, device or thread count.
-    # Input pipeline: fast (loader.FastLoader: decoded once into a cache, or every epoch by CPU
+    # Input pipeline: fast (fast_loader.FastLoader: decoded once into a cache, or every epoch by CPU
     # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
     # DataLoader processes, the plain way, kept for comparison).
     pipeline: str = "fast"
@@ -83,7 +85,7 @@ class PretrainConfig:
         for key in ("epochs", "batch_size", "lr_drop_every", "prefetch"):
             if getattr(self, key) < 1:
                 raise UserError(f"{prefix}{key} must be >= 1")
-        for key, allowed in (("pipeline", PIPELINES), ("augment", loader.AUGMENTATIONS), ("precision", PRECISIONS),
+        for key, allowed in (("pipeline", PIPELINES), ("augment", AUGMENTATIONS), ("precision", PRECISIONS),
                              ("channels_last", SWITCHES), ("compile", SWITCHES)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -93,11 +95,6 @@ class PretrainConfig:
             raise UserError(f"{prefix}cache_gib must be >= 0 (0: never cache), got {self.cache_gib}")
         if not 0.0 <= self.cpu_decode_share <= 1.0:
             raise UserError(f"{prefix}cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
-
-
-def resize_for(resolution: int) -> int:
-    """Stored short side for random crops of ``resolution`` (256 for 224: ImageNet's usual ratio)."""
-    return loader.short_side_for(resolution)
 
 
 def switched(value: str, device: torch.device) -> bool:
@@ -117,10 +114,10 @@ def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, devi
     common = dict(augment=config.augment, train=train, prefetch=config.prefetch,
                   channels_last=switched(config.channels_last, device), log=log)
     if config.pipeline == "torchvision":
-        return loader.TorchvisionLoader(images, resolution, config.batch_size, device,
-                                        workers=config.workers or loader.default_workers(device), **common)
-    return loader.FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
-                             cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
+        return TorchvisionLoader(images, resolution, config.batch_size, device,
+                                 workers=config.workers or default_workers(device), **common)
+    return FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
+                      cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
 
 
 class TrainStep:
@@ -192,10 +189,11 @@ def threads_beside(batches):
 
 
 def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` of ``state`` to ``path`` through ``files.atomic_path`` (its folder is made):
+    a kill mid-write leaves the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def pretrain(

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from itl_ray import loader
 from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
 from itl_ray.errors import UserError
+from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
 from itl_ray.prepare import PrepareSettings, prepare
 from itl_ray.pretrain import PretrainConfig, TrainStep, pretrain, top1
@@ -34,13 +34,13 @@ def imagenet(tmp_path_factory) -> Prepared:
     return Prepared(base / "imagenet", "imagenet")
 
 
-def split(data: Prepared, classes: int) -> tuple[loader.ImageRows, loader.ImageRows]:
+def split(data: Prepared, classes: int) -> tuple[ImageRows, ImageRows]:
     labels = data.column("label")
     index = {wnid: i for i, wnid in enumerate(sorted(set(labels))[:classes])}
 
     def rows(split_name):
         chosen = np.array([row for row in data.rows_in(split_name) if labels[row] in index])
-        return loader.ImageRows(data, chosen, [index[labels[row]] for row in chosen])
+        return ImageRows(data, chosen, [index[labels[row]] for row in chosen])
 
     return rows("train"), rows("val")
 
@@ -85,7 +85,7 @@ def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(image
 
 def test_fast_pipeline_trains_to_the_accuracy_of_the_torchvision_pipeline(imagenet, tmp_path):
     """The demo's model and schedule, 20 classes, the same seed. The two pipelines feed the network
-    the same pixels here (tests/test_loader.py checks that), so the runs agree; both must learn."""
+    the same pixels here (tests/test_fast_loader.py checks that), so the runs agree; both must learn."""
     train, val = split(imagenet, 20)
     accuracy = {}
     for pipeline in ("fast", "torchvision"):

@@ -7,7 +7,8 @@ import json
 import torch
 
 from itl_ray.config import load_spec
-from itl_ray.trial import FINAL_METRICS, run_trial
+from itl_ray.metrics import FINAL_METRICS
+from itl_ray.trial import run_trial
 from tests.conftest import tiny_spec
 
 

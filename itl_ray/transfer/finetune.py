@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from itl_ray import loader
 from itl_ray.errors import UserError
+from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet
 
 
@@ -67,8 +67,8 @@ def finetune(
         total, steps = 0.0, 0
         for start in range(0, len(images), config.batch_size):
             index = order[start : start + config.batch_size]
-            batch = loader.random_crops(images[index], model.resolution, generator)
-            logits = model(loader.normalize(batch.to(device)))
+            batch = random_crops(images[index], model.resolution, generator)
+            logits = model(normalize(batch.to(device)))
             target = targets[index].to(device)
             if multi_label:
                 loss = F.binary_cross_entropy_with_logits(logits, target)
@@ -91,6 +91,6 @@ def predict(model: AlexNet, images: torch.Tensor, device: torch.device, batch_si
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = loader.center_crops(images[start : start + batch_size], model.resolution)
-        outputs.append(model(loader.normalize(batch.to(device))).float().cpu())
+        batch = center_crops(images[start : start + batch_size], model.resolution)
+        outputs.append(model(normalize(batch.to(device))).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
