@@ -197,14 +197,14 @@ def test_flat_val_with_kaggle_solution(tmp_path):
 
 
 def test_flat_val_with_the_devkit(tmp_path):
-    from tests.test_devkit import SYNSETS, mat_file, synsets_struct
+    from tests.test_devkit import SYNSETS, meta_mat
 
     flat_val_imagenet(tmp_path / "raw")
     # Leaves of the devkit's numbering: ILSVRC2012_ID 1 and 2 are this root's two classes.
     synsets = [dict(SYNSETS[0], WNID="n01443537"), SYNSETS[1], dict(SYNSETS[2], WNID="n01440764")]
     devkit = tmp_path / "raw" / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)
-    (devkit / "meta.mat").write_bytes(mat_file([synsets_struct(synsets, "<")]))
+    (devkit / "meta.mat").write_bytes(meta_mat(synsets))
     (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n")
     prepare("imagenet", str(tmp_path / "raw"), tmp_path / "out", workers=1)
     data = Prepared(tmp_path / "out", "imagenet")
