@@ -121,9 +121,17 @@ def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, devi
 
 
 class TrainStep:
-    """One SGD step on a batch: autocast when asked (bf16), the model torch.compile'd when asked
-    (eager again, with a log line, if compiling fails). Returns the loss, detached, on the device
-    (no host sync, so the loader and the GPU keep running ahead)."""
+    """One SGD step on a batch (images float Nx3xRxR on ``device``, labels int64 N): cross-entropy,
+    backward, optimizer step, under bf16 autocast when ``dtype`` is given, with the model
+    torch.compile'd when ``compile``. Returns the loss (a 0-d tensor, detached, on the device: no
+    host sync, so the loader and the GPU keep running ahead).
+
+    A compiled step that raises is run again eagerly. If the eager step raises too, the error is
+    the model's or the batch's (a shape mismatch, a label out of range, memory) and goes to the
+    caller as it is; if it succeeds, the compiler failed (a missing C++ compiler, an unsupported
+    op, a failed recompile): a log line names the error and later steps run eagerly. Telling them
+    apart by type would not do: dynamo reports a model's own error met while tracing as
+    ``torch._dynamo.exc.TorchRuntimeError``, and inductor's compiler failures are RuntimeErrors."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  dtype: torch.dtype | None = None, compile: bool = False, log: Callable[[str], None] = print):
@@ -131,6 +139,7 @@ class TrainStep:
         self.compiled = torch.compile(model, dynamic=False) if compile else None
 
     def autocast(self):
+        """bf16 autocast on the step's device when ``dtype`` is set, else nothing."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -144,14 +153,17 @@ class TrainStep:
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self._step(self.compiled, images, labels)
-            except Exception as error:  # any compiler failure, in forward or backward: train eagerly
-                first_line = str(error).splitlines()[0][:160] if str(error) else ""
-                self.log(f"pretrain: torch.compile failed ({type(error).__name__}: {first_line}); training eagerly")
-                self.compiled = None
-        return self._step(self.model, images, labels)
+        if self.compiled is None:
+            return self._step(self.model, images, labels)
+        try:
+            return self._step(self.compiled, images, labels)
+        except Exception as error:  # the compiler's failure or the model's? The eager step tells.
+            compiled_error = error
+        loss = self._step(self.model, images, labels)  # raises the model's own error as it is
+        first_line = str(compiled_error).splitlines()[0][:160] if str(compiled_error) else ""
+        self.log(f"pretrain: torch.compile failed ({type(compiled_error).__name__}: {first_line}); training eagerly")
+        self.compiled = None
+        return loss
 
 
 @torch.no_grad()
