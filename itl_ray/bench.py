@@ -46,6 +46,9 @@ SIZE_WEIGHTS = (0.55, 0.15, 0.1, 0.08, 0.07, 0.05)  # most ImageNet photos are 5
 
 @dataclass(frozen=True)
 class BenchSettings:
+    """``itl-ray bench``'s options (one field per command-line flag); ``validate`` raises UserError
+    naming the flag of a bad value."""
+
     device: str = "cpu"  # cpu or cuda
     images: int = 1000  # generated training images (plus one validation image per class)
     classes: int = 100
@@ -69,13 +72,14 @@ class BenchSettings:
     @staticmethod
     def defaults(device: str) -> "BenchSettings":
         """CPU: a quarter-width AlexNet at 64 px (the demo's), so a 2-core run takes a minute or two.
-        CUDA: the full AlexNet at 224 px, batch 512 (the issue's target)."""
+        CUDA: the full AlexNet at 224 px, batch 512 (the GPU target; ../shared/reference/ANCHORS.md)."""
         if device == "cuda":
             return BenchSettings(device="cuda", images=10000, batch_size=512, resolution=224, width=1.0,
                                  seconds=10.0, warmup=15, cpu_decode_shares=(0.0, 0.5))
         return BenchSettings()
 
     def validate(self) -> None:
+        """Raise UserError naming the flag (``--images`` ...) of a value the bench cannot run with."""
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -181,6 +185,8 @@ def measure(batches: Callable[[], object], step: Callable[[torch.Tensor, torch.T
 
 
 def build_model(settings: BenchSettings, device: torch.device) -> torch.nn.Module:
+    """The benchmarked network, seeded: the study's AlexNet (``models.AlexNet`` at the settings'
+    width and resolution) or torchvision's, on ``device`` (channels_last on CUDA)."""
     torch.manual_seed(settings.seed)
     if settings.model == "torchvision":
         from torchvision.models import alexnet
@@ -197,6 +203,8 @@ def build_model(settings: BenchSettings, device: torch.device) -> torch.nn.Modul
 
 
 def make_step(model: torch.nn.Module, device: torch.device, compile: bool, log: Callable[[str], None]):
+    """Pretraining's ``TrainStep`` for ``model``: SGD (lr 0.01, momentum 0.9, weight decay 5e-4),
+    bf16 autocast on CUDA, torch.compile when ``compile``."""
     from itl_ray.pretrain import TrainStep
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)

@@ -131,6 +131,23 @@ def train_plan(augment: str, numbers: np.ndarray, heights: np.ndarray, widths: n
     return resized_crop_plan(numbers, heights, widths)
 
 
+def epoch_plan(heights: np.ndarray, widths: np.ndarray, augment: str, resolution: int, batch_size: int,
+               train: bool, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch of images of these stored sizes (px), as every loader cuts it: the order (a
+    permutation, int64), the plan rows in that order (Nx6 int64) and the flips (N bools).
+
+    Training draws all three from ``generator`` (``draw_epoch``, then ``train_plan``); evaluation
+    takes the images in order, center windows, no flips. Raises ValueError for a training epoch
+    without a generator."""
+    count = len(heights)
+    if train:
+        if generator is None:
+            raise ValueError("a training epoch needs the generator its crops are drawn from")
+        order, numbers, flips = draw_epoch(count, augment, resolution, batch_size, generator)
+        return order, train_plan(augment, numbers, heights[order], widths[order], resolution), flips
+    return np.arange(count), center_plan(heights, widths, resolution), np.zeros(count, dtype=bool)
+
+
 def source_boxes(plan: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """The plan's windows in the stored images' pixels: float Nx4 (top, left, height, width) for
     images of stored ``heights`` x ``widths``. Sampling them at the resolution is the same as

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from itl_ray.crop_plans import AUGMENTATIONS, center_plan, crop_image, draw_epoch, source_boxes, train_plan
+from itl_ray.crop_plans import AUGMENTATIONS, crop_image, epoch_plan, source_boxes
 from itl_ray.errors import UserError
 from itl_ray.image_rows import ImageRows, ShardBytes
 from itl_ray.images import center_square, decode_rgb, normalize, normalize_, resize_short_side, short_side_for
@@ -162,6 +162,7 @@ class FastLoader:
         return self._pool
 
     def close(self) -> None:
+        """Stop the decode threads (a loader is also a context manager that closes on exit)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -180,6 +181,7 @@ class FastLoader:
         return self.cache is None and self.device.type == "cpu"
 
     def describe(self) -> str:
+        """One line for the log: the image count and where the pixels come from."""
         where = f"{self.workers} decode thread{'s' if self.workers > 1 else ''}"
         if self.cache is not None:
             source = f"decoded once, {self.cache.numel() / 2**20:.0f} MiB cached on {self.device.type}"
@@ -204,20 +206,18 @@ class FastLoader:
 
     # -- one epoch
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches: (images float Bx3xRxR, ImageNet-normalised, labels int64 B) on the
+        device, ``batch_size`` per batch (the last may be smaller). Training draws the order, crops
+        and flips from ``generator`` (required; ValueError without it); evaluation takes the images
+        in order, center crops. Raises UserError naming the row of an image that cannot be decoded
+        or whose size differs from the manifest's."""
         count = len(self.images)
         if self.cache is not None:
             heights = widths = np.full(count, self.side, dtype=np.int64)
         else:
             heights, widths = self.heights, self.widths
-        if self.train:
-            if generator is None:
-                raise ValueError("a training epoch needs the generator its crops are drawn from")
-            order, numbers, flips = draw_epoch(count, self.augment, self.resolution, self.batch_size, generator)
-            plans = train_plan(self.augment, numbers, heights[order], widths[order], self.resolution)
-        else:
-            order = np.arange(count)
-            plans = center_plan(heights, widths, self.resolution)
-            flips = np.zeros(count, dtype=bool)
+        order, plans, flips = epoch_plan(heights, widths, self.augment, self.resolution, self.batch_size, self.train,
+                                         generator)
         batches = [(start, min(count, start + self.batch_size)) for start in range(0, count, self.batch_size)]
         if self.cache is not None:
             return self._cached(order, plans, flips, batches)

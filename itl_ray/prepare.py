@@ -44,11 +44,15 @@ VOC2012_SPLITS = ("train", "val", "trainval")  # train and val are required
 
 @dataclass(frozen=True)
 class PrepareSettings:
+    """How ``itl-ray prepare`` stores images (part of the prepared folder's identity)."""
+
     short_side: int  # px; 0 keeps every image's size
     quality: int = 90  # JPEG quality of the stored images
     shard_size: int = 1000  # plan items per shard
 
     def validate(self) -> None:
+        """Raise UserError naming the flag (``--short-side``, ``--quality``, ``--shard-size``) of a bad
+        value."""
         if self.short_side < 0:
             raise UserError(f"--short-side must be 0 (keep sizes) or a positive number of pixels, got {self.short_side}")
         if not 1 <= self.quality <= 100:

@@ -39,6 +39,19 @@ SWITCHES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """The ``pretrain`` section of a trial: which ImageNet images and labels, the SGD schedule, and
+    how images reach the model.
+
+    The schedule's defaults are an **assumption** (the study does not give its schedule): the usual
+    AlexNet recipe of its time. Caffe's models/bvlc_alexnet/solver.prototxt: SGD, base_lr 0.01,
+    momentum 0.9, weight_decay 0.0005, gamma 0.1, 450k iterations of batch 256 (train_val.prototxt),
+    about 90 epochs of ILSVRC-2012; the drop every 30 epochs is torchvision's references/
+    classification recipe for AlexNet (Caffe drops every 100k iterations, about 20 epochs). Every
+    subset trains the same number of epochs, so smaller subsets take fewer iterations. The input
+    settings (pipeline ... compile) change speed, not what is learnt.
+
+    ``validate(path)`` raises UserError naming ``path.<field>`` for a value out of range."""
+
     num_classes: int | None = None  # ImageNet classes drawn (nested, seeded); null: all of them
     images_per_class: int = 1300  # per class (nested, seeded); 0: no pretraining, random init
     label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see wordnet.py)
@@ -75,6 +88,8 @@ class PretrainConfig:
     compile: str = "auto"
 
     def validate(self, path: str) -> None:
+        """Raise UserError naming ``path.<field>`` (``<field>`` when ``path`` is empty) for a value
+        the loop cannot run with."""
         prefix = f"{path}." if path else ""
         if self.images_per_class < 0:
             raise UserError(f"{prefix}images_per_class must be >= 0 (0 means no pretraining)")
@@ -103,6 +118,8 @@ def switched(value: str, device: torch.device) -> bool:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` setting: bfloat16 for bf16, and for auto on CUDA; None
+    (fp32, no autocast) otherwise."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None

@@ -43,6 +43,7 @@ SHARD_SCHEMA = pa.schema([
 
 
 def shard_path(folder: Path, index: int) -> Path:
+    """Path of shard ``index`` in the prepared folder ``folder``: ``shards/shard-NNNNN.arrow``."""
     return folder / SHARDS / f"shard-{index:05d}.arrow"
 
 
@@ -63,6 +64,8 @@ def read_shard(path: Path) -> pa.Table:
 
 
 def shard_skipped(table: pa.Table) -> list[dict]:
+    """The source files its preparation skipped (``{"source", "reason"}`` each), from a shard's
+    schema metadata (see ``write_shard``)."""
     return json.loads((table.schema.metadata or {}).get(b"skipped", b"[]"))
 
 
@@ -97,6 +100,7 @@ class Prepared:
         return self.manifest.num_rows
 
     def column(self, name: str) -> list:
+        """Manifest column ``name`` as a Python list, one value per row (KeyError for no such column)."""
         return self.manifest.column(name).to_pylist()
 
     def rows_in(self, split: str) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from itl_ray.crop_plans import AUGMENTATIONS, center_plan, draw_epoch, train_plan
+from itl_ray.crop_plans import AUGMENTATIONS, epoch_plan
 from itl_ray.errors import UserError
 from itl_ray.image_rows import ImageRows
 from itl_ray.images import MEAN, STD
@@ -89,12 +89,15 @@ class TorchvisionLoader:
 
     @property
     def decodes_while_training(self) -> bool:
+        """True when DataLoader processes decode on the cores a CPU training step uses."""
         return self.workers > 0 and self.device.type == "cpu"
 
     def describe(self) -> str:
+        """One line for the log: the image count and the DataLoader processes."""
         return f"torchvision pipeline ({len(self.images)} images, PIL + transforms, {self.workers} DataLoader workers)"
 
     def close(self) -> None:
+        """Stop the DataLoader's worker processes (also on leaving a ``with`` block)."""
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
@@ -107,16 +110,11 @@ class TorchvisionLoader:
         self.close()
 
     def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches, as ``FastLoader.epoch`` makes them (same order, crops and flips for
+        the same generator), on the device; images in channels_last memory when asked."""
         count = len(self.images)
-        if self.train:
-            if generator is None:
-                raise ValueError("a training epoch needs the generator its crops are drawn from")
-            order, numbers, flips = draw_epoch(count, self.augment, self.resolution, self.batch_size, generator)
-            plans = train_plan(self.augment, numbers, self.heights[order], self.widths[order], self.resolution)
-        else:
-            order = np.arange(count)
-            plans = center_plan(self.heights, self.widths, self.resolution)
-            flips = np.zeros(count, dtype=bool)
+        order, plans, flips = epoch_plan(self.heights, self.widths, self.augment, self.resolution, self.batch_size,
+                                         self.train, generator)
         keys = [(int(position), *(int(value) for value in plan), bool(flip))
                 for position, plan, flip in zip(order, plans, flips)]
         self.sampler.batches = [keys[start : start + self.batch_size] for start in range(0, count, self.batch_size)]

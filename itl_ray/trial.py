@@ -42,6 +42,8 @@ Report = Callable[[str, dict, int | None], None]
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device of the ``device`` setting: auto (CUDA when torch sees a GPU, else the CPU),
+    cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -59,9 +61,11 @@ class StageStore:
 
     @property
     def path(self) -> Path:
+        """``stages.json`` in the working folder."""
         return self.folder / "stages.json"
 
     def load(self) -> dict:
+        """{stage: its result} of the finished stages ({} before the first finishes)."""
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def save(self, stage: str, result: dict) -> None:
@@ -72,6 +76,8 @@ class StageStore:
 
 
 def label_set_hash(mapping: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over the label set's ``wnid<TAB>group`` lines in its order: two
+    trials share it exactly when they train on the same labels."""
     text = "\n".join(f"{wnid}\t{group}" for wnid, group in mapping.items())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

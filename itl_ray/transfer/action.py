@@ -24,6 +24,7 @@ class ActionConfig(FinetuneConfig):
     context: float = 1.2  # the person box is enlarged by this factor around its centre
 
     def validate(self, path: str) -> None:
+        """``FinetuneConfig.validate``, and ``context`` at least 1 (UserError naming ``path.context``)."""
         super().validate(path)
         if self.context < 1.0:
             raise UserError(f"{path}.context must be >= 1.0")
@@ -53,6 +54,16 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
 
 def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage], config: ActionConfig,
                     device: torch.device, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
+    """PASCAL-ACT-CLS: fine-tune a copy of ``backbone`` (multi-label, a new 10-way fc8, every layer
+    trained: ``finetune``) on the persons of ``train``, score the persons of ``val``.
+
+    Each person is cropped around its box enlarged by ``config.context`` and resized to
+    ``short_side_for(backbone.resolution)`` px (random crops of the model's resolution in training,
+    the center crop at test). Returns percent: ``voc12_act_map``, the mean over the actions with a
+    val person of VOC 2012's AP (area under the precision envelope, the devkit's VOCevalaction),
+    and ``voc12_act_ap_<action>`` for each of those actions; an action without val persons has no
+    AP and is left out. The caller's backbone is not changed; the result is a function of ``seed``
+    on a CPU. Raises UserError when a split holds no annotated person."""
     size = short_side_for(backbone.resolution)
     train_x, train_y = person_crops(train, size, config.context)
     val_x, val_y = person_crops(val, size, config.context)

@@ -21,6 +21,10 @@ from itl_ray.models import AlexNet
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """Fine-tuning settings shared by the action and scene stages. **Assumption** (the study does not
+    give them): the common recipe of its time, as in the module docstring; ``lr`` applies to the
+    pretrained layers, 10x to the new fc8, divided by 10 every ``lr_drop_every`` epochs."""
+
     epochs: int = 30
     batch_size: int = 64  # images per SGD step
     lr: float = 0.001  # pretrained layers; the new fc8 uses 10x
@@ -29,6 +33,7 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
 
     def validate(self, path: str) -> None:
+        """Raise UserError naming ``path.<field>`` for a count below 1."""
         for key in ("epochs", "batch_size", "lr_drop_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"{path}.{key} must be >= 1")

@@ -22,6 +22,14 @@ class SceneConfig(FinetuneConfig):
 
 def evaluate_scene(backbone: AlexNet, data: SceneData, config: SceneConfig, device: torch.device, seed: int,
                    log: Callable[[str], None] = print) -> dict[str, float]:
+    """SUN-CLS: fine-tune a copy of ``backbone`` (a new fc8 with one output per scene, every layer
+    trained: ``finetune``) on the partition's training images, classify its test images.
+
+    Images are resized so the shorter side is ``short_side_for(backbone.resolution)`` px and
+    center-squared (random crops of the model's resolution in training, the center crop at test).
+    Returns percent: ``sun397_acc``, the mean over scenes of the per-scene accuracy (the usual
+    SUN397 figure: Xiao et al. 2010 average the per-class recognition rates). The caller's backbone
+    is not changed; the result is a function of ``seed`` on a CPU."""
     index = {scene: i for i, scene in enumerate(data.classes)}
     size = short_side_for(backbone.resolution)
     train_x = load_squares(data.train_images, size)
