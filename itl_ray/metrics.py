@@ -202,25 +202,28 @@ def mean_ap(aps: Iterable[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
-def accuracy(predictions, labels) -> float:
-    """Fraction of predictions (class indices) equal to the labels."""
+def _predictions_and_labels(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices as two int64 arrays of one non-zero length (ValueError otherwise)."""
     predictions = _array(predictions, np.int64)
     labels = _array(labels, np.int64)
     if predictions.shape != labels.shape:
         raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
     if labels.size == 0:
         raise ValueError("accuracy of no examples is undefined")
+    return predictions, labels
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of predictions (class indices) equal to the labels. ValueError for different
+    lengths or no examples."""
+    predictions, labels = _predictions_and_labels(predictions, labels)
     return float((predictions == labels).mean())
 
 
 def mean_per_class_accuracy(predictions, labels) -> float:
     """Mean over the classes present in ``labels`` of the fraction of that class predicted
-    right (balanced accuracy): every class weighs the same however many examples it has."""
-    predictions = _array(predictions, np.int64)
-    labels = _array(labels, np.int64)
-    if predictions.shape != labels.shape:
-        raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
-    if labels.size == 0:
-        raise ValueError("accuracy of no examples is undefined")
+    right (balanced accuracy): every class weighs the same however many examples it has.
+    ValueError for different lengths or no examples."""
+    predictions, labels = _predictions_and_labels(predictions, labels)
     per_class = [float((predictions[labels == label] == label).mean()) for label in np.unique(labels)]
     return sum(per_class) / len(per_class)
