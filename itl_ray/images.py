@@ -5,9 +5,8 @@ same way: decoded to RGB uint8 3xHxW, resized with antialiased bilinear interpol
 float and rounded to the nearest level (``resize_uint8``), normalised with ImageNet's channel
 means and standard deviations (``normalize``).
 
-The sizes follow the study's (Caffe's) ImageNet recipe: images are resized so the shorter side is
-256 px, and 224 px crops are cut from them; at other crop sizes the same ratio holds
-(``short_side_for``).
+Crop sizes follow the usual ImageNet recipe: images are resized so the shorter side is 256 px and
+224 px crops are cut from them; at other crop sizes the same ratio holds (``short_side_for``).
 """
 
 from __future__ import annotations

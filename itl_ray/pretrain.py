@@ -1,10 +1,9 @@
 """Pretraining AlexNet on an ImageNet subset: plain SGD loop, a checkpoint every epoch, resumable.
 
-Defaults follow Caffe's reference AlexNet recipe, which the study used (the exact schedule for
-the smaller subsets is not given in its text, so it is an assumption here): SGD with momentum 0.9,
-weight decay 5e-4, batch 256, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs, random
-crops and flips. The number of epochs is the same for every subset size (smaller subsets get fewer
-iterations).
+Defaults follow the AlexNet recipe of the study's time (the study does not give its schedule, so
+it is an assumption here; sources in ``PretrainConfig``): SGD with momentum 0.9, weight decay 5e-4,
+batch 256, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs, random crops and flips. The
+number of epochs is the same for every subset size (smaller subsets get fewer iterations).
 
 Speed (see itl_ray/fast_loader.py and ``itl-ray bench``): images come from the prepared shards through
 the fast input pipeline by default (decoded on the GPU or by CPU threads, crops batched, prefetched
@@ -54,7 +53,7 @@ class PretrainConfig:
 
     num_classes: int | None = None  # ImageNet classes drawn (nested, seeded); null: all of them
     images_per_class: int = 1300  # per class (nested, seeded); 0: no pretraining, random init
-    label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see wordnet.py)
+    label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see label_sets.py)
     shortfall: str = "take_all"  # a class with fewer images: take_all (recorded) or error
     epochs: int = 90
     batch_size: int = 256  # images per SGD step

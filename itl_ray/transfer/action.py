@@ -62,8 +62,9 @@ def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage
     the center crop at test). Returns percent: ``voc12_act_map``, the mean over the actions with a
     val person of VOC 2012's AP (area under the precision envelope, the devkit's VOCevalaction),
     and ``voc12_act_ap_<action>`` for each of those actions; an action without val persons has no
-    AP and is left out. The caller's backbone is not changed; the result is a function of ``seed``
-    on a CPU. Raises UserError when a split holds no annotated person."""
+    AP and is left out. The caller's backbone is not changed. Random draws: the order, crops and
+    flips from ``seed``; the new fc8 and dropout from torch's global generator (which the trial
+    seeds). Raises UserError when a split holds no annotated person."""
     size = short_side_for(backbone.resolution)
     train_x, train_y = person_crops(train, size, config.context)
     val_x, val_y = person_crops(val, size, config.context)

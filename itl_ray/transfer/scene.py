@@ -29,7 +29,8 @@ def evaluate_scene(backbone: AlexNet, data: SceneData, config: SceneConfig, devi
     center-squared (random crops of the model's resolution in training, the center crop at test).
     Returns percent: ``sun397_acc``, the mean over scenes of the per-scene accuracy (the usual
     SUN397 figure: Xiao et al. 2010 average the per-class recognition rates). The caller's backbone
-    is not changed; the result is a function of ``seed`` on a CPU."""
+    is not changed. Random draws: the order, crops and flips from ``seed``; the new fc8 and dropout
+    from torch's global generator (which the trial seeds)."""
     index = {scene: i for i, scene in enumerate(data.classes)}
     size = short_side_for(backbone.resolution)
     train_x = load_squares(data.train_images, size)
