@@ -106,7 +106,8 @@ def command_sweep(args) -> int:
 def command_trial(args) -> int:
     from itl_ray.config import load_spec, override, parse_overrides, trial_id
     from itl_ray.sweep import ordered_trials
-    from itl_ray.trial import FINAL_METRICS, run_trial
+    from itl_ray.metrics import FINAL_METRICS
+    from itl_ray.trial import run_trial
 
     trials = ordered_trials(load_spec(args.spec))
     if not 0 <= args.index < len(trials):

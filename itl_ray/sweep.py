@@ -27,7 +27,7 @@ from pathlib import Path
 
 from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.errors import UserError
-from itl_ray.trial import FINAL_METRICS
+from itl_ray.metrics import FINAL_METRICS
 
 # Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
 # with a fast input pipeline (25k img/s on one H100), and GPU-hours of the three transfer
