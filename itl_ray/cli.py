@@ -174,7 +174,7 @@ def command_report(args) -> int:
 
 
 def command_labels(args) -> int:
-    from itl_ray.wordnet import write_label_set
+    from itl_ray.label_sets import write_label_set
 
     write_label_set(args.name, args.classes, args.out)
     return 0
