@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itl_ray.datasets.synthetic import prepared_paths
 from itl_ray.errors import UserError
 from itl_ray.pretrain import PretrainConfig
+from itl_ray.shards import prepared_paths
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig
 from itl_ray.transfer.scene import SceneConfig

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from itl_ray.datasets.synthetic import PREPARE_KINDS, Sizes, dataset_paths, prepared_paths, synthesize
+from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
 from itl_ray.prepare import prepare
+from itl_ray.shards import PREPARE_KINDS, prepared_paths
 
 SMALL = Sizes(train_per_class=12, val_per_class=3, voc07_trainval=24, voc07_test=24,
               voc12_train=20, voc12_val=20, sun_per_scene=4)

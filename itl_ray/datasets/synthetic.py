@@ -593,12 +593,3 @@ def dataset_paths(out_dir: str | Path) -> dict[str, str]:
         "voc2012": str(out / "VOCdevkit"),
         "sun397": str(out / "SUN397"),
     }
-
-
-# `itl-ray prepare` kind for each of the config's data settings.
-PREPARE_KINDS = {"imagenet": "imagenet", "voc2007": "voc2007", "voc2012": "voc2012-action", "sun397": "sun397"}
-
-
-def prepared_paths(shards_dir: str | Path) -> dict[str, str]:
-    """Where the prepared datasets lie under a shards folder (the config's ``data`` section)."""
-    return {setting: str(Path(shards_dir) / kind) for setting, kind in PREPARE_KINDS.items()}
