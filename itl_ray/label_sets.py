@@ -77,7 +77,8 @@ def down_up_sets(wnids: Sequence[str]) -> dict[int, dict[str, str]]:
     Cut the tree from the bottom: each step replaces the current groups at the greatest depth
     by their parents; every step gives one set, until all classes sit at the root. When a step
     merges nothing (N unchanged), the partition is unchanged too and the first of those steps
-    keeps N, so its groups are the most specific names.
+    keeps N, so its groups are the most specific names. Raises UserError for a bad class list
+    (as ``label_set``).
     """
     return {n: dict(groups) for n, groups in _down_up_sets(_checked(wnids)).items()}
 
@@ -159,7 +160,9 @@ PASCAL_VOC_SYNSETS: dict[str, tuple[str, ...]] = {
 
 
 def pascal_overlap(wnids: Sequence[str]) -> dict[str, list[str]]:
-    """For each VOC class, the classes of the list under one of its synsets (list order)."""
+    """For each of the 20 VOC classes (``PASCAL_VOC_SYNSETS`` order), the classes of the list
+    under one of its synsets by any hypernym path, in list order; a class can overlap two VOC
+    classes. UserError for a bad class list."""
     wnids = _checked(wnids)
     return {
         voc_class: [wnid for wnid in wnids if not all_ancestors(wnid).isdisjoint(synsets)]
@@ -168,7 +171,8 @@ def pascal_overlap(wnids: Sequence[str]) -> dict[str, list[str]]:
 
 
 def pascal_removed(wnids: Sequence[str]) -> list[str]:
-    """The classes left after removing every class that overlaps a PASCAL VOC class."""
+    """The classes left, in list order, after removing every class that overlaps a PASCAL VOC
+    class (``pascal_overlap``): 771 of the 1000 ILSVRC-2012 classes, as in the study."""
     removed = {wnid for members in pascal_overlap(wnids).values() for wnid in members}
     return [wnid for wnid in wnids if wnid not in removed]
 
@@ -294,6 +298,10 @@ def label_set(set_name: str, wnids: Sequence[str]) -> dict[str, str]:
     tree); ``up_down_<N>`` and ``down_up_<N>`` are the study's hierarchy sets (N must be one
     the algorithm produces for these classes); ``pascal_removed`` and the splits keep only
     their classes, each mapped to itself.
+
+    Raises UserError for an unknown name (listing the known ones), an N the algorithm does not
+    produce for these classes (listing the valid N), and a class list that is empty, repeats a
+    wnid or names one that is not a WordNet 3.0 noun.
     """
     wnids = _checked(wnids)
     if set_name == "fine":

@@ -56,12 +56,17 @@ _CORPUS_FILES = [
 
 
 def corpus_dir() -> Path:
-    """Where the Debian-built corpus goes: nltk searches ``<sys.prefix>/nltk_data``."""
+    """Where the Debian-built corpus goes: ``<sys.prefix>/nltk_data/corpora/wordnet`` (nltk
+    searches ``<sys.prefix>/nltk_data``, so a virtual environment gets its own)."""
     return Path(sys.prefix) / "nltk_data" / "corpora" / "wordnet"
 
 
 def install_from_debian(source: Path = DEBIAN_WORDNET, target: Path | None = None) -> Path:
-    """Copy Debian's WordNet 3.0 files into a corpus folder nltk reads (real copies, no links)."""
+    """Copy Debian's WordNet 3.0 files (``source``, from the wordnet-base and wordnet-sense-index
+    packages) into a corpus folder nltk reads (``target``, default ``corpus_dir()``), adding the
+    ``lexnames`` file Debian does not ship. Real copies, no links; staged beside the target and
+    renamed over it, so a failed copy leaves the old corpus. Returns the target. Raises UserError
+    listing the files missing in ``source``, with the install hint."""
     target = target or corpus_dir()
     missing = [name for name in _CORPUS_FILES if not (source / name).is_file()]
     if missing:
@@ -130,7 +135,7 @@ def synset(wnid: str):
 
 
 def wnid_of(syn) -> str:
-    """The wnid (``n`` + 8-digit offset) of an nltk noun synset."""
+    """The wnid (``n`` + 8-digit offset into WordNet 3.0's data.noun) of an nltk noun synset."""
     return f"n{syn.offset():08d}"
 
 

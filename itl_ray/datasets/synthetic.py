@@ -92,7 +92,8 @@ SUN_SCENES = (
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many images of each kind the benchmark holds."""
+    """How many images of each kind the benchmark holds. The defaults are the demo's (8,860
+    images, about 41 MB); tests use smaller ones."""
 
     train_per_class: int = 150
     val_per_class: int = 25
@@ -125,17 +126,24 @@ def _unit(*parts: object) -> float:
 
 @dataclass(frozen=True)
 class Look:
-    silhouette: int
-    fill_hue: float
-    pattern: int
-    pattern_hue: float
-    angle: float  # radians
-    period: float  # in units of the object's size
-    outline: int
-    spot: int
+    """How every drawn instance of one synset looks (``render_object`` adds per-instance jitter)."""
+
+    silhouette: int  # index into SILHOUETTES
+    fill_hue: float  # HSV hue in [0, 1)
+    pattern: int  # index into PATTERNS
+    pattern_hue: float  # HSV hue in [0, 1) of the pattern's second colour
+    angle: float  # radians, in [0, pi)
+    period: float  # in units of the object's size, in [0.18, 0.40)
+    outline: int  # index into OUTLINE_COLOURS
+    spot: int  # index into SPOT_POSITIONS
 
 
 def look_of(wnid: str, seed: int) -> Look:
+    """The look of synset ``wnid`` under ``seed``: each trait hashed from the ancestor at its depth
+    of ``TRAIT_DEPTHS`` on the synset's parent chain (the synset itself when it is shallower),
+    outline and spot from the synset alone (see the module docstring). Deterministic: the same
+    (wnid, seed) gives the same look in every process. Raises UserError for a wnid that is not a
+    WordNet 3.0 noun, or when WordNet is not installed."""
     chain = wordnet.ancestry(wnid)
 
     def at(depth: int) -> str:
@@ -182,7 +190,9 @@ def _silhouette_points(kind: str, width: int, height: int) -> list[tuple[float, 
 
 
 def render_object(look: Look, width: int, height: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An object's pixels (HxWx3 float) and its mask (HxW bool), with per-instance jitter."""
+    """An object's pixels (height x width x 3 float32, 0-255) and its mask (height x width bool),
+    with per-instance jitter of the pattern's angle, period and phase and of the colours, drawn
+    from ``rng``."""
     mask_image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask_image)
     kind = SILHOUETTES[look.silhouette]
@@ -238,7 +248,8 @@ def render_object(look: Look, width: int, height: int, rng: np.random.Generator)
 
 
 def background(width: int, height: int, rng: np.random.Generator, clutter: int) -> np.ndarray:
-    """A random smooth colour field plus a few plain random shapes (clutter carries no class)."""
+    """A random smooth colour field plus ``clutter`` plain random shapes (clutter carries no
+    class): height x width x 3 float32, 0-255."""
     coarse = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.uint8)
     canvas = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
     canvas = canvas + rng.normal(0, 6, size=canvas.shape)
@@ -269,6 +280,8 @@ def paste(canvas: np.ndarray, look: Look, box: tuple[int, int, int, int], rng: n
 
 
 def encode(canvas: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """A canvas (HxWx3 float, 0-255) with Gaussian noise of std 4 added, clipped to uint8 and
+    encoded as ``fmt`` (JPEG at quality 90): the file's bytes."""
     noisy = canvas + rng.normal(0, 4, size=canvas.shape)
     buffer = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=90)
@@ -538,7 +551,10 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
                progress=None) -> Path:
     """Write the mini-benchmark under ``out_dir`` (atomically: a staging folder renamed at the end).
 
-    Returns ``out_dir``. An existing complete benchmark with the same seed and sizes is kept.
+    Returns ``out_dir`` (absolute). An existing complete benchmark with the same seed, sizes and
+    format version is kept as it is. ``workers`` processes render the images (default: all
+    cores); ``progress(done, total)`` is called every 500 images and at the end. Raises UserError
+    when ``out_dir`` holds another benchmark or other files, or when WordNet is missing.
     """
     out = Path(out_dir).expanduser().resolve()
     stamp = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes.__dict__}
@@ -585,7 +601,8 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
 
 
 def dataset_paths(out_dir: str | Path) -> dict[str, str]:
-    """Where the four datasets' roots lie under a mini-benchmark folder (``itl-ray prepare`` reads them)."""
+    """Where the four datasets' roots lie under a mini-benchmark folder, keyed by the config's
+    ``data`` setting (``itl-ray prepare`` reads them; VOC 2007 and 2012 share ``VOCdevkit``)."""
     out = Path(out_dir)
     return {
         "imagenet": str(out / "ILSVRC2012"),
