@@ -123,6 +123,13 @@ def test_pascal_synsets_are_the_documented_ones():
     }
 
 
+@needs_release
+def test_pascal_synsets_are_the_released_ones():
+    released = re.findall(r"'(\w+)': u'(n\d{8})'", (RELEASE / "raw" / "common_pascal_fine.txt").read_text())
+    assert len(released) == 20
+    assert label_sets.PASCAL_VOC_SYNSETS == {voc: (synset,) for voc, synset in released}
+
+
 def test_pascal_removed_keeps_771(classes):
     kept = label_sets.label_set("pascal_removed", classes)
     assert len(kept) == 771
