@@ -60,6 +60,16 @@ def test_missing_spec_file_is_named(tmp_path):
 def test_trial_id_is_stable():
     assert trial_id(TrialConfig()) == trial_id(TrialConfig())
     assert trial_id(TrialConfig(seed=1)) != trial_id(TrialConfig())
+    # 12 hex digits, the same in another process with another hash seed (it names MLflow runs).
+    import os
+    import re
+    import subprocess
+    import sys
+
+    code = "from itl_ray.config import TrialConfig, trial_id; print(trial_id(TrialConfig(seed=3)))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "7"}).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", other) and other == trial_id(TrialConfig(seed=3))
 
 
 def test_the_config_does_not_import_the_data_generator():
