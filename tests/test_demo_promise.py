@@ -9,9 +9,9 @@ a time. The pretrained trial is the smoke sweep's smallest (10 classes x 40 imag
 pretraining of the sweep, the cheapest trial (its pretraining takes a fifth of the 40 x 120 one's),
 and the one whose margins are the smallest in the demo's table.
 
-Cost, measured on the 2-core development machine while other jobs shared it (load about 3): 256 s
-in all; generating and preparing the mini-benchmark 60 s, the two trials side by side 191 s (one
-after the other they took 139 s and 110 s).
+Cost, measured on the 2-core development machine while other jobs shared it: 256 s in all at load
+about 3 (generating and preparing the mini-benchmark 60 s, the two trials side by side 191 s; one
+after the other they took 139 s and 110 s); 437 s within the full suite at load 4-7.
 """
 
 from __future__ import annotations
