@@ -34,9 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from itl_ray.datasets.synthetic import PREPARE_KINDS, dataset_paths, prepared_paths, synthesize  # noqa: E402
+from itl_ray.datasets.synthetic import dataset_paths, synthesize  # noqa: E402
 from itl_ray.prepare import PrepareSettings, prepare  # noqa: E402
-from itl_ray.shards import Prepared  # noqa: E402
+from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths  # noqa: E402
 
 
 def time_prepare_mini(folder: Path, workers: int) -> dict:

@@ -132,3 +132,15 @@ class Prepared:
     def read(self, rows: Sequence[int]) -> list[bytes]:
         """The JPEG bytes of manifest ``rows``, in the order given."""
         return [view.tobytes() for view in self.views(rows)]
+
+
+# The `itl-ray prepare` kind that each of the config's ``data`` settings expects.
+PREPARE_KINDS = {"imagenet": "imagenet", "voc2007": "voc2007", "voc2012": "voc2012-action", "sun397": "sun397"}
+
+
+def prepared_paths(shards_dir: str | Path) -> dict[str, str]:
+    """Where the four prepared datasets lie under one folder of shards, keyed by the config's
+    ``data`` setting: ``{"imagenet": "<shards_dir>/imagenet", ..., "voc2012":
+    "<shards_dir>/voc2012-action", ...}`` (one sub-folder per ``itl-ray prepare`` kind, the layout
+    `make demo` writes). Pure path arithmetic: nothing is checked or created."""
+    return {setting: str(Path(shards_dir) / kind) for setting, kind in PREPARE_KINDS.items()}

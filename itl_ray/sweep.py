@@ -43,6 +43,7 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:
+    """The dotted keys that differ between the sweep's trials: the grid's, then the extra trials'."""
     keys = list(spec.grid)
     for extra in spec.extra_trials:
         keys += [key for key in extra if key not in keys]
@@ -50,11 +51,15 @@ def varying_keys(spec: SweepSpec) -> list[str]:
 
 
 def sweep_id(spec: SweepSpec) -> str:
+    """12 hex digits identifying the sweep's trial list (tag ``itl.sweep_id`` of its parent run):
+    ``--resume`` continues the latest sweep run with the same id."""
     text = json.dumps([to_dict(t) for t in spec.trials()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def estimated_images(config: TrialConfig, classes_in_data: int = 1000) -> int:
+    """Pretraining images the trial processes, all epochs: classes x images per class x epochs
+    (``classes_in_data`` where num_classes is null). The cost model's unit and the sort key."""
     classes = config.pretrain.num_classes or classes_in_data
     return classes * config.pretrain.images_per_class * config.pretrain.epochs
 
@@ -110,6 +115,7 @@ def node_type_gpus(path: str = BOOTSTRAP_CONFIG) -> dict[str, float]:
 
 
 def alive_node_gpus() -> list[float]:
+    """GPUs of each node alive in the connected Ray cluster (``ray.nodes()``)."""
     import ray
 
     return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]

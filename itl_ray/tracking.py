@@ -11,14 +11,18 @@ latest checkpoint (tag ``itl.checkpoint``: the trial's folder with ``backbone.pt
 Recording is idempotent: a metric at a step the run already holds is not logged again, so a trial
 that repeats a report after a retry, or a report log recorded twice, leaves one value per step.
 
-All writes go through ``MlflowClient`` with explicit run ids (no global "active run"), from one
-process: the sweep driver.
+All writes go through ``Tracker``: ``MlflowClient`` with explicit run ids (no global "active
+run"), from one process, the sweep driver. Reading goes through ``Reader``, which never writes: it
+opens no store that does not exist and creates no experiment or run, so ``itl-ray report`` on a
+wrong name or folder changes nothing. The tag names and role values below are the one home of
+these conventions; other modules import them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import posixpath
 import time
 import urllib.error
 import urllib.request
@@ -26,25 +30,32 @@ from pathlib import Path
 
 from itl_ray.errors import UserError
 
-DEFAULT_STORE = "itl_runs/mlflow.db"
-ROLE = "itl.role"
-TRIAL_ID = "itl.trial_id"
-SWEEP_ID = "itl.sweep_id"
-PARENT = "mlflow.parentRunId"
-CHECKPOINT = "itl.checkpoint"
+DEFAULT_STORE = "itl_runs/mlflow.db"  # relative to the working directory
+ROLE = "itl.role"  # tag: which kind of run, ROLE_SWEEP or ROLE_TRIAL
+ROLE_SWEEP = "sweep"  # the parent run of one sweep
+ROLE_TRIAL = "trial"  # the run of one trial, a child of its sweep's run
+TRIAL_ID = "itl.trial_id"  # tag: config.trial_id of the trial's config (12 hex digits)
+SWEEP_ID = "itl.sweep_id"  # tag on a sweep run: sweep.sweep_id of its trial list
+PARENT = "mlflow.parentRunId"  # MLflow's own tag: a trial run's sweep run
+CHECKPOINT = "itl.checkpoint"  # tag on a trial run: its latest checkpoint (path or URI)
 
 
-def tracking_uri() -> str:
+def tracking_uri(create: bool = True) -> str:
+    """The tracking URI (contract: MLflow): ``MLFLOW_TRACKING_URI`` when set, else
+    ``sqlite:///<cwd>/itl_runs/mlflow.db`` (absolute). With ``create``, the ``itl_runs`` folder is
+    made so that a writer can open the store; a reader passes ``create=False``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     store = Path(DEFAULT_STORE).resolve()
-    store.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        store.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store}"
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an MLflow server does not answer."""
+    """Fail fast when an MLflow server does not answer its ``/health`` within ``timeout`` seconds:
+    a UserError naming the URI. Other URIs (sqlite, file) pass unchecked."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -57,7 +68,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class Tracker:
-    """The MLflow side of a sweep or a trial."""
+    """The MLflow side of a sweep or a trial: the experiment ``experiment`` (created when missing)
+    in the store at ``uri`` (default ``tracking_uri()``). Raises UserError when a server URI does
+    not answer. Run ids are MLflow's 32-hex-digit ids."""
 
     def __init__(self, experiment: str, uri: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -77,17 +90,17 @@ class Tracker:
     def sweep_run(self, sweep_id: str, name: str, resume: bool) -> str:
         """The parent run: the latest one of this sweep when resuming, else a new one."""
         if resume:
-            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = 'sweep'")
+            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{ROLE_SWEEP}'")
             if found is None:
                 raise UserError(f"--resume: no earlier sweep {name!r} with this spec in {self.uri}; run it without --resume")
             self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "sweep", SWEEP_ID: sweep_id})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: ROLE_SWEEP, SWEEP_ID: sweep_id})
         return run.info.run_id
 
     def trial_run(self, trial_id: str, name: str, parent_run_id: str | None) -> str:
         """The one run of this trial (under ``parent_run_id``): found again, or created."""
-        condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = 'trial'"
+        condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'"
         if parent_run_id:
             condition += f" and tags.`{PARENT}` = '{parent_run_id}'"
         found = self._find(condition)
@@ -95,7 +108,7 @@ class Tracker:
             if found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        tags = {ROLE: "trial", TRIAL_ID: trial_id}
+        tags = {ROLE: ROLE_TRIAL, TRIAL_ID: trial_id}
         if parent_run_id:
             tags[PARENT] = parent_run_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -132,6 +145,14 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch[start : start + 500])
         logged.update((metric.key, metric.step) for metric in batch)
 
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Upload every file under ``folder`` to the run's artifacts, under ``artifact_path``
+        (e.g. ``per_image``); a file already there is replaced. Raises FileNotFoundError when
+        ``folder`` is not a folder."""
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"no folder {folder} to log as artifacts")
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
     def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
         """One report of ``trial.run_trial``: "params", "epoch" metrics (step = epoch), a finished
         "stage"'s metrics or "final"."""
@@ -141,6 +162,8 @@ class Tracker:
             self.log_metrics(run_id, payload, step)
 
     def set_checkpoint(self, run_id: str, uri: str) -> None:
+        """Name the trial's latest checkpoint (a folder path or URI) on its run (tag ``itl.checkpoint``),
+        replacing the one named before."""
         self.client.set_tag(run_id, CHECKPOINT, uri)
 
     def trial_checkpoints(self, parent_run_id: str) -> dict[str, str]:
@@ -149,8 +172,106 @@ class Tracker:
                 if TRIAL_ID in run.data.tags and CHECKPOINT in run.data.tags}
 
     def finish(self, run_id: str, failed: bool = False) -> None:
+        """End the run as FINISHED, or FAILED; a later ``trial_run`` of the same trial reopens it."""
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     def trial_runs(self, parent_run_id: str) -> list:
+        """The runs (``mlflow.entities.Run``) whose parent is ``parent_run_id``, at most 10,000."""
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_run_id}'", max_results=10000)
+
+
+class Reader:
+    """Read-only access to the runs of a tracking store (the report's and analysis' side).
+
+    ``uri`` defaults to ``tracking_uri(create=False)``. Opening refuses, with a UserError naming
+    it, a sqlite store whose file does not exist (MLflow would create an empty one) and a server
+    that does not answer. Nothing here creates a store, an experiment or a run.
+    """
+
+    def __init__(self, uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or tracking_uri(create=False)
+        if self.uri.startswith("sqlite:///"):
+            store = Path(self.uri[len("sqlite:///"):])
+            if not store.is_file():
+                if uri or os.environ.get("MLFLOW_TRACKING_URI"):
+                    raise UserError(f"no MLflow store at {self.uri} ({store} does not exist); check the URI "
+                                    "(MLFLOW_TRACKING_URI)")
+                raise UserError(f"no MLflow store here ({store} does not exist): run the report where the sweep "
+                                "ran, or set MLFLOW_TRACKING_URI")
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def experiment_names(self) -> list[str]:
+        """Names of the store's active experiments, sorted."""
+        return sorted(experiment.name for experiment in self.client.search_experiments())
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``; a UserError that lists the existing ones when it has none."""
+        found = self.client.get_experiment_by_name(name)
+        if found is None or found.lifecycle_stage != "active":
+            known = ", ".join(self.experiment_names()) or "none"
+            raise UserError(f"no experiment {name!r} in {self.uri}; experiments there: {known}")
+        return found.experiment_id
+
+    def latest_sweep(self, experiment: str | None = None):
+        """The most recently started sweep run (``mlflow.entities.Run``) of ``experiment``, or of
+        any experiment when None; a UserError when there is none."""
+        if experiment is None:
+            ids = [found.experiment_id for found in self.client.search_experiments()]
+        else:
+            ids = [self.experiment_id(experiment)]
+        runs = self.client.search_runs(ids, filter_string=f"tags.`{ROLE}` = '{ROLE_SWEEP}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        if not runs:
+            where = f"experiment {experiment!r}" if experiment else self.uri
+            raise UserError(f"{where} holds no sweep run; run `itl-ray sweep SPEC` first")
+        return runs[0]
+
+    def experiment_of(self, run) -> str:
+        """The name of the experiment a run belongs to."""
+        return self.client.get_experiment(run.info.experiment_id).name
+
+    def trial_runs(self, sweep_run_id: str) -> list:
+        """The trial runs (``mlflow.entities.Run``) of one sweep run, oldest first."""
+        experiment_id = self.client.get_run(sweep_run_id).info.experiment_id
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{ROLE}` = '{ROLE_TRIAL}' and tags.`{PARENT}` = '{sweep_run_id}'",
+            order_by=["attributes.start_time ASC"], max_results=50000)
+
+    def runs_frame(self, experiment: str, sweep_run_id: str | None = None, role: str = ROLE_TRIAL):
+        """One ``mlflow.search_runs`` call: a pandas DataFrame, one row per run of ``role`` in
+        ``experiment`` (only the children of ``sweep_run_id`` when given), oldest first, with
+        MLflow's columns ``run_id``, ``status``, ``start_time``, ``params.<name>`` (strings),
+        ``metrics.<name>`` (floats, NaN where a run lacks one) and ``tags.<name>``."""
+        import mlflow
+
+        condition = f"tags.`{ROLE}` = '{role}'"
+        if sweep_run_id:
+            condition += f" and tags.`{PARENT}` = '{sweep_run_id}'"
+        experiment_id = self.experiment_id(experiment)
+        # mlflow.search_runs reads the process-wide URI, and setting it also sets the environment
+        # variable; both go back as they were (None: unset, MLflow's default resolution).
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            return mlflow.search_runs([experiment_id], filter_string=condition,
+                                      order_by=["attributes.start_time ASC"])
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
+        """Copy the run's artifact ``artifact_path`` (a file or a folder, e.g. ``per_image``) into
+        the existing folder ``destination``; returns the local path. A UserError names a run that
+        has no such artifact."""
+        import mlflow.artifacts
+
+        wanted = artifact_path.strip("/")
+        listed = {entry.path for entry in self.client.list_artifacts(run_id, posixpath.dirname(wanted) or None)}
+        if wanted not in listed:
+            raise UserError(f"run {run_id} has no artifact {artifact_path!r}")
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=wanted,
+                                                    dst_path=str(destination), tracking_uri=self.uri)
+        return Path(local)

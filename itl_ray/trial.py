@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from itl_ray import subsets, wordnet
+from itl_ray import label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import scene_data
 from itl_ray.datasets.voc import voc_images
@@ -111,7 +111,7 @@ def read_inputs(config: TrialConfig) -> Inputs:
     sources = imagenet.column("source")
     # The label set belongs to the data's classes (up_down_127 is a grouping of all 1000); sets
     # that leave classes out (pascal_removed, split halves) limit what the subset draws from.
-    full_mapping = wordnet.label_set(pre.label_set, sorted(set(train_labels)))
+    full_mapping = label_sets.label_set(pre.label_set, sorted(set(train_labels)))
     subset = subsets.select(train_labels, [subsets.image_key(sources[row]) for row in train_rows],
                             pre.num_classes, pre.images_per_class, config.seed, pre.shortfall,
                             allowed=set(full_mapping))

@@ -97,7 +97,7 @@ def test_stages_import_neither_ray_nor_mlflow():
 
 
 def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
-    from itl_ray import wordnet
+    from itl_ray import label_sets
     from itl_ray.config import override
 
     base = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
@@ -107,10 +107,10 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     reports = []
     run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)), log=lambda l: None)
     params = reports[0][1]
-    groups = set(wordnet.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
+    groups = set(label_sets.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
     assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
     assert params["source_classes"] == 40
-    fine = wordnet.label_set("fine", list(wordnet_classes(mini_paths)))
+    fine = label_sets.label_set("fine", list(wordnet_classes(mini_paths)))
     from itl_ray.trial import label_set_hash
 
     assert params["label_set_hash"] != label_set_hash(fine)
