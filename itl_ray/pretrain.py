@@ -18,22 +18,20 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, Gt, Interval
 
-from itl_ray.crop_plans import AUGMENTATIONS
-from itl_ray.errors import UserError
+from itl_ray.crop_plans import Augment
 from itl_ray.fast_loader import FastLoader, default_workers
 from itl_ray.files import atomic_path
 from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
 from itl_ray.torchvision_loader import TorchvisionLoader
 
-PIPELINES = ("fast", "torchvision")
-PRECISIONS = ("auto", "bf16", "fp32")
-SWITCHES = ("auto", "on", "off")
+Switch = Literal["auto", "on", "off"]  # auto: on for CUDA
 
 
 @dataclass(frozen=True)
@@ -47,68 +45,45 @@ class PretrainConfig:
     about 90 epochs of ILSVRC-2012; the drop every 30 epochs is torchvision's references/
     classification recipe for AlexNet (Caffe drops every 100k iterations, about 20 epochs). Every
     subset trains the same number of epochs, so smaller subsets take fewer iterations. The input
-    settings (pipeline ... compile) change speed, not what is learnt.
+    settings (pipeline ... compile) change speed, not what is learnt. Bounds and choices are
+    declared on the fields and checked by ``config.from_dict``."""
 
-    ``validate(path)`` raises UserError naming ``path.<field>`` for a value out of range."""
-
-    num_classes: int | None = None  # ImageNet classes drawn (nested, seeded); null: all of them
-    images_per_class: int = 1300  # per class (nested, seeded); 0: no pretraining, random init
+    # ImageNet classes drawn (nested, seeded); null: all of them.
+    num_classes: Annotated[int, Ge(1)] | None = None
+    # Images per class (nested, seeded); 0: no pretraining, random initialisation (the control).
+    images_per_class: Annotated[int, Ge(0)] = 1300
     label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see label_sets.py)
-    shortfall: str = "take_all"  # a class with fewer images: take_all (recorded) or error
-    epochs: int = 90
-    batch_size: int = 256  # images per SGD step
-    lr: float = 0.01  # at batch_size; divided by 10 every lr_drop_every epochs
-    lr_drop_every: int = 30  # epochs
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    shortfall: Literal["take_all", "error"] = "take_all"  # a class with fewer images: take them all (recorded), or stop
+    epochs: Annotated[int, Ge(1)] = 90
+    batch_size: Annotated[int, Ge(1)] = 256  # images per SGD step
+    lr: Annotated[float, Gt(0)] = 0.01  # at batch_size; divided by 10 every lr_drop_every epochs
+    lr_drop_every: Annotated[int, Ge(1)] = 30  # epochs
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 5e-4
     # How images reach the model. These settings change speed, not what is learnt: the same seed
     # gives the same order, crops and flips with any pipeline, device or thread count.
     # Input pipeline: fast (fast_loader.FastLoader: decoded once into a cache, or every epoch by CPU
     # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
     # DataLoader processes, the plain way, kept for comparison).
-    pipeline: str = "fast"
+    pipeline: Literal["fast", "torchvision"] = "fast"
     # crop: the study's (Caffe's) random crops of the image resized to 256/224 of the crop and
     # center-squared; random_resized_crop: torchvision's (8-100% of the area, aspect 3/4..4/3).
     # Both flip half the images.
-    augment: str = "crop"
+    augment: Augment = "crop"
     # Decode threads (fast) or DataLoader processes (torchvision); 0: automatic (a GPU: all cores
     # but two; a CPU: a quarter of torch's threads, which train on the rest while they decode).
-    workers: int = 0
-    prefetch: int = 4  # batches decoded ahead of the training step
+    workers: Annotated[int, Ge(0)] = 0
+    prefetch: Annotated[int, Ge(1)] = 4  # batches decoded ahead of the training step
     # fast: a set whose decoded squares fit in this many GiB is decoded once and kept on the
-    # training device (the demo's subsets: tens of MiB); larger sets are decoded every epoch.
-    cache_gib: float = 2.0
+    # training device (the demo's subsets: tens of MiB); larger sets are decoded every epoch; 0: never.
+    cache_gib: Annotated[float, Ge(0)] = 2.0
     # fast on a GPU, decoding every epoch: the fraction of each batch decoded by the CPU threads,
     # the rest by nvJPEG on the GPU (whose decoding competes with training for the SMs).
-    cpu_decode_share: float = 0.5
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on a CPU), bf16 or fp32
-    channels_last: str = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
+    cpu_decode_share: Annotated[float, Interval(ge=0, le=1)] = 0.5
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU
+    channels_last: Switch = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
     # torch.compile the training step: auto (on CUDA), on or off; eager again if compiling fails.
-    compile: str = "auto"
-
-    def validate(self, path: str) -> None:
-        """Raise UserError naming ``path.<field>`` (``<field>`` when ``path`` is empty) for a value
-        the loop cannot run with."""
-        prefix = f"{path}." if path else ""
-        if self.images_per_class < 0:
-            raise UserError(f"{prefix}images_per_class must be >= 0 (0 means no pretraining)")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise UserError(f"{prefix}num_classes must be >= 1 or null (all classes)")
-        if self.shortfall not in ("take_all", "error"):
-            raise UserError(f"{prefix}shortfall must be take_all or error, got {self.shortfall!r}")
-        for key in ("epochs", "batch_size", "lr_drop_every", "prefetch"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{prefix}{key} must be >= 1")
-        for key, allowed in (("pipeline", PIPELINES), ("augment", AUGMENTATIONS), ("precision", PRECISIONS),
-                             ("channels_last", SWITCHES), ("compile", SWITCHES)):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.workers < 0:
-            raise UserError(f"{prefix}workers must be >= 0 (0: automatic), got {self.workers}")
-        if self.cache_gib < 0:
-            raise UserError(f"{prefix}cache_gib must be >= 0 (0: never cache), got {self.cache_gib}")
-        if not 0.0 <= self.cpu_decode_share <= 1.0:
-            raise UserError(f"{prefix}cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
+    compile: Switch = "auto"
 
 
 def switched(value: str, device: torch.device) -> bool:
