@@ -46,10 +46,10 @@ from annotated_types import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
 
 from itl_ray.errors import UserError
 from itl_ray.models import MIN_RESOLUTION
-from itl_ray.pretrain import PretrainConfig
-from itl_ray.shards import prepared_paths
+from itl_ray.pretrain import PretrainConfig, PretrainRuntime
+from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths, read_info
 from itl_ray.transfer.action import ActionConfig
-from itl_ray.transfer.detection import DetectionConfig
+from itl_ray.transfer.detection import DetectionConfig, DetectionRuntime
 from itl_ray.transfer.scene import SceneConfig
 
 MINI_PATHS = prepared_paths("data/mini-shards")  # where `make demo` prepares the mini-benchmark
@@ -88,17 +88,37 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """How a trial runs, not what it computes: where, on how many threads, how fast images arrive.
+    Not part of ``trial_id``, so a sweep resumed with other values continues its trials and their
+    MLflow runs. Each stage's part is declared beside the stage (``PretrainRuntime``,
+    ``DetectionRuntime``); a setting belongs here only if the same seed trains on the same data
+    with any value of it."""
+
+    # auto: cuda when torch sees a GPU, else cpu. The same seed draws the same subset, order,
+    # crops and initial weights on either; the arithmetic differs only in rounding (CPU and GPU
+    # kernels sum in other orders). With pretrain.precision auto, CUDA also means bf16: set
+    # pretrain.precision to bf16 or fp32 to pin that (precision is part of the trial).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch CPU threads for this trial; 0: resources.cpus_per_trial in a sweep, torch's default in
+    # `itl-ray trial`. Threads split the same sums differently: rounding, not results.
+    threads: Annotated[int, Ge(0)] = 0
+    pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
+    detection: DetectionRuntime = field(default_factory=DetectionRuntime)
+
+
+@dataclass(frozen=True)
 class TrialConfig:
-    """Everything one trial depends on: a trial is a pure function of this."""
+    """Everything one trial depends on: a trial is a pure function of this (``runtime`` aside,
+    which says how fast, not what)."""
 
     name: Annotated[str, MinLen(1)] = "itl_ray"  # the sweep's name: the MLflow experiment
     seed: Annotated[int, Ge(0)] = 0  # seeds the subset, the initialisation and every fine-tuning
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when there is one
-    threads: Annotated[int, Ge(0)] = 0  # torch CPU threads for this trial; 0: torch's default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 @dataclass(frozen=True)
@@ -206,7 +226,12 @@ _INT = re.compile(r"[-+]?[0-9]+")
 _FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")  # YAML 1.2's core schema
 _TRUE, _FALSE = ("true", "True", "TRUE"), ("false", "False", "FALSE")
 # Keys that moved: an old spec gets told where they are now.
-MOVED: dict[str, str] = {}
+MOVED: dict[str, str] = {
+    "device": "runtime.device", "threads": "runtime.threads",
+    **{f"pretrain.{key}": f"runtime.pretrain.{key}" for key in
+       ("workers", "prefetch", "cache_gib", "cpu_decode_share", "channels_last", "compile")},
+    "transfer.detection.test_batch_size": "runtime.detection.test_batch_size",
+}
 
 
 def _show(value: Any) -> str:
@@ -529,8 +554,30 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
         extra_trials=[{dotted: _typed(dotted, value, f"extra_trials[{index}]", f"extra_trials[{index}].{dotted}")
                        for dotted, value in extra.items()} for index, extra in enumerate(spec.extra_trials)],
     )
-    spec.trials()  # validates every grid point and extra trial now, naming the bad one
+    _refuse_identical_trials(spec)  # builds and so validates every grid point and extra trial
     return spec
+
+
+def _refuse_identical_trials(spec: SweepSpec) -> None:
+    """UserError when two of the sweep's trials would compute the same thing (equal apart from
+    ``runtime``): a grid over runtime settings, or an extra trial that repeats a grid point."""
+    for dotted in spec.grid:
+        if dotted.split(".")[0] == "runtime":
+            raise UserError(f"grid.{dotted}: runtime settings change how fast a trial runs, not what it computes; "
+                            "set them once under runtime:, not in the grid")
+    keys = list(spec.grid)
+    labels = [",".join(f"{key}={value}" for key, value in zip(keys, values))
+              for values in itertools.product(*(spec.grid[key] for key in keys))]
+    labels += [f"extra_trials[{index}]" for index in range(len(spec.extra_trials))]
+    seen: dict[str, str] = {}
+    for label, trial in zip(labels, spec.trials()):
+        identity = to_dict(trial)
+        del identity["runtime"]
+        key = json.dumps(identity, sort_keys=True)
+        if key in seen:
+            raise UserError(f"{seen[key] or 'the base trial'} and {label or 'the base trial'} are the same trial "
+                            "(equal settings apart from runtime); remove one")
+        seen[key] = label
 
 
 def _absolute_paths(data: DataConfig) -> DataConfig:
@@ -546,11 +593,39 @@ def _absolute_paths(data: DataConfig) -> DataConfig:
     )
 
 
+def trial_identity(config: TrialConfig) -> dict:
+    """What a trial's result depends on: its config without ``runtime``, each prepared dataset
+    named by its content hash (``shards.manifest_hash``, recorded in its PREPARED.json) instead of
+    its path. Reads each folder's PREPARED.json (and, for a folder prepared before content hashes
+    were recorded, its manifest); UserError naming the setting when a folder is not prepared."""
+    identity = to_dict(config)
+    del identity["runtime"]
+    for setting, kind in PREPARE_KINDS.items():
+        identity["data"][setting] = data_hash(identity["data"][setting], kind, f"data.{setting}")
+    return identity
+
+
+def data_hash(folder: str, kind: str, setting: str) -> str:
+    """The content hash of the prepared folder ``folder`` (16 hex digits): PREPARED.json's
+    ``content_hash``, or computed from the manifest for an older folder (nothing is written to it).
+    Cached per process while the folder's PREPARED.json is unchanged."""
+    info = Path(folder).expanduser().resolve() / "PREPARED.json"
+    stamp = (info.stat().st_mtime_ns, info.stat().st_size) if info.is_file() else None
+    return _data_hash(folder, kind, setting, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _data_hash(folder: str, kind: str, setting: str, stamp) -> str:
+    info = read_info(folder, kind, setting)
+    return info.get("content_hash") or Prepared(folder, kind, setting).content_hash
+
+
 def trial_id(config: TrialConfig) -> str:
-    """A stable id of a trial config, 12 hex digits of the sha256 of its key-sorted JSON: the
-    identity of its MLflow run (tag ``itl.trial_id``) and of its working folder. Every setting
-    counts, data paths included."""
-    text = json.dumps(to_dict(config), sort_keys=True)
+    """A stable id of a trial, 12 hex digits of the sha256 of its key-sorted ``trial_identity``:
+    the identity of its MLflow run (tag ``itl.trial_id``) and of its working folder. Every setting
+    counts except ``runtime`` (workers, threads, device, ...); data counts by content, not path, so
+    moving a prepared folder keeps the id and preparing other data changes it."""
+    text = json.dumps(trial_identity(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

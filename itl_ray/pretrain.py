@@ -44,9 +44,9 @@ class PretrainConfig:
     momentum 0.9, weight_decay 0.0005, gamma 0.1, 450k iterations of batch 256 (train_val.prototxt),
     about 90 epochs of ILSVRC-2012; the drop every 30 epochs is torchvision's references/
     classification recipe for AlexNet (Caffe drops every 100k iterations, about 20 epochs). Every
-    subset trains the same number of epochs, so smaller subsets take fewer iterations. The input
-    settings (pipeline ... compile) change speed, not what is learnt. Bounds and choices are
-    declared on the fields and checked by ``config.from_dict``."""
+    subset trains the same number of epochs, so smaller subsets take fewer iterations. Settings
+    that change only speed are in ``PretrainRuntime``. Bounds and choices are declared on the
+    fields and checked by ``config.from_dict``."""
 
     # ImageNet classes drawn (nested, seeded); null: all of them.
     num_classes: Annotated[int, Ge(1)] | None = None
@@ -60,16 +60,31 @@ class PretrainConfig:
     lr_drop_every: Annotated[int, Ge(1)] = 30  # epochs
     momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Ge(0)] = 5e-4
-    # How images reach the model. These settings change speed, not what is learnt: the same seed
-    # gives the same order, crops and flips with any pipeline, device or thread count.
     # Input pipeline: fast (fast_loader.FastLoader: decoded once into a cache, or every epoch by CPU
     # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
-    # DataLoader processes, the plain way, kept for comparison).
+    # DataLoader processes, the plain way, kept for comparison). Both cut the same windows from the
+    # same plan, but PIL's and torch's resampling round differently (pixels agree exactly only
+    # where the shards hold the crops' shorter side: tests/test_fast_loader.py), so it is part of
+    # what a trial computes, not a runtime setting.
     pipeline: Literal["fast", "torchvision"] = "fast"
     # crop: the study's (Caffe's) random crops of the image resized to 256/224 of the crop and
     # center-squared; random_resized_crop: torchvision's (8-100% of the area, aspect 3/4..4/3).
     # Both flip half the images.
     augment: Augment = "crop"
+    # auto: bf16 autocast on CUDA, fp32 on a CPU. bf16 changes the numbers (8 bits of mantissa),
+    # so precision is part of what a trial computes, not a runtime setting.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass(frozen=True)
+class PretrainRuntime:
+    """How fast images reach the model (the trial config's ``runtime.pretrain``): none of these
+    changes what a seed trains on. The same seed gives the same order, crops and flips with any
+    number of workers, prefetch depth or cache (tests/test_fast_loader.py checks identical
+    batches); channels_last and compile change the memory layout and the kernels, not the
+    arithmetic's meaning (results agree to rounding). So they are not part of ``trial_id``: a sweep
+    resumed with other values continues the same trials."""
+
     # Decode threads (fast) or DataLoader processes (torchvision); 0: automatic (a GPU: all cores
     # but two; a CPU: a quarter of torch's threads, which train on the rest while they decode).
     workers: Annotated[int, Ge(0)] = 0
@@ -80,7 +95,6 @@ class PretrainConfig:
     # fast on a GPU, decoding every epoch: the fraction of each batch decoded by the CPU threads,
     # the rest by nvJPEG on the GPU (whose decoding competes with training for the SMs).
     cpu_decode_share: Annotated[float, Interval(ge=0, le=1)] = 0.5
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on a CPU
     channels_last: Switch = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
     # torch.compile the training step: auto (on CUDA), on or off; eager again if compiling fails.
     compile: Switch = "auto"
@@ -99,16 +113,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, device: torch.device, train: bool,
-                log: Callable[[str], None] = print):
+def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, runtime: PretrainRuntime,
+                device: torch.device, train: bool, log: Callable[[str], None] = print):
     """The loader ``config.pipeline`` names, for training (random crops) or evaluation (center crops)."""
-    common = dict(augment=config.augment, train=train, prefetch=config.prefetch,
-                  channels_last=switched(config.channels_last, device), log=log)
+    common = dict(augment=config.augment, train=train, prefetch=runtime.prefetch,
+                  channels_last=switched(runtime.channels_last, device), log=log)
     if config.pipeline == "torchvision":
         return TorchvisionLoader(images, resolution, config.batch_size, device,
-                                 workers=config.workers or default_workers(device), **common)
-    return FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
-                      cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
+                                 workers=runtime.workers or default_workers(device), **common)
+    return FastLoader(images, resolution, config.batch_size, device, workers=runtime.workers,
+                      cache_gib=runtime.cache_gib, cpu_decode_share=runtime.cpu_decode_share, **common)
 
 
 class TrainStep:
@@ -170,11 +184,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable, dtype: torch.dtype | Non
     return 0.0 if correct is None else correct.item() / max(1, total)
 
 
-def top1(model: AlexNet, val: ImageRows, config: PretrainConfig, device: torch.device) -> float:
+def top1(model: AlexNet, val: ImageRows, config: PretrainConfig, device: torch.device,
+         runtime: PretrainRuntime = PretrainRuntime()) -> float:
     """Top-1 accuracy (fraction) of ``model`` on center crops of ``val`` at the model's resolution."""
     device = torch.device(device)
     model.to(device)
-    with make_loader(val, model.resolution, config, device, train=False, log=lambda line: None) as batches:
+    with make_loader(val, model.resolution, config, runtime, device, train=False, log=lambda line: None) as batches:
         return evaluate(model, batches.epoch(), autocast_dtype(config.precision, device))
 
 
@@ -209,11 +224,13 @@ def pretrain(
     checkpoint: Path,
     on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
     log: Callable[[str], None] = print,
+    runtime: PretrainRuntime = PretrainRuntime(),
 ) -> dict:
     """Train ``model`` in place on ``train``; resumes from ``checkpoint`` when it exists. Returns final
-    metrics (``pretrain_top1`` in percent on ``val``, the validation images of the trained classes)."""
+    metrics (``pretrain_top1`` in percent on ``val``, the validation images of the trained classes).
+    ``runtime`` sets how fast images arrive, not which (``PretrainRuntime``)."""
     device = torch.device(device)
-    channels_last = switched(config.channels_last, device)
+    channels_last = switched(runtime.channels_last, device)
     dtype = autocast_dtype(config.precision, device)
     model.to(device)
     if channels_last:
@@ -241,14 +258,16 @@ def pretrain(
     with contextlib.ExitStack() as stack:
         if channels_last:  # hand the model back in the usual layout
             stack.callback(model.to, memory_format=torch.contiguous_format)
-        train_batches = stack.enter_context(make_loader(train, model.resolution, config, device, train=True, log=log))
-        val_batches = stack.enter_context(make_loader(val, model.resolution, config, device, train=False, log=log))
+        train_batches = stack.enter_context(make_loader(train, model.resolution, config, runtime, device, train=True,
+                                                        log=log))
+        val_batches = stack.enter_context(make_loader(val, model.resolution, config, runtime, device, train=False,
+                                                      log=log))
         training_threads = stack.enter_context(threads_beside(train_batches))
         if start_epoch <= config.epochs:
             where = device.type if device.type == "cuda" else f"{training_threads} CPU threads"
             log(f"pretrain: {train_batches.describe()}, batch {config.batch_size}, "
                 f"{'bf16' if dtype else 'fp32'}{', channels_last' if channels_last else ''} on {where}")
-        compile = switched(config.compile, device) and start_epoch <= config.epochs
+        compile = switched(runtime.compile, device) and start_epoch <= config.epochs
         step = TrainStep(model, optimizer, device, dtype, compile, log)
         for epoch in range(start_epoch, config.epochs + 1):
             model.train()

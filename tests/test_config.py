@@ -1,11 +1,21 @@
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from itl_ray.config import TrialConfig, load_spec, parse_overrides, trial_id
+from itl_ray.config import TrialConfig, load_spec, override, parse_overrides, trial_id
 from itl_ray.errors import UserError
+from itl_ray.prepare import PrepareSettings, prepare
+from tests.conftest import tiny_spec
 
 
 def write(tmp_path, text):
@@ -14,7 +24,8 @@ def write(tmp_path, text):
     return path
 
 
-def test_spec_grid_and_extra_trials(tmp_path):
+def test_spec_grid_and_extra_trials(tmp_path, mini_paths):
+    data = {f"data.{setting}": path for setting, path in mini_paths.items()}
     spec = load_spec(write(tmp_path, """
 name: s
 pretrain: {epochs: 3}
@@ -23,13 +34,14 @@ grid:
   pretrain.images_per_class: [40, 120]
 extra_trials:
   - {pretrain.images_per_class: 0}
-"""))
+"""), data)
     trials = spec.trials()
     assert [(t.pretrain.num_classes, t.pretrain.images_per_class) for t in trials] == [
         (10, 40), (10, 120), (40, 40), (40, 120), (None, 0)]
     assert all(t.pretrain.epochs == 3 and t.name == "s" for t in trials)
     assert len({trial_id(t) for t in trials}) == 5
-    assert trials[0].data.imagenet.startswith("/")  # relative paths made absolute
+    relative = load_spec(write(tmp_path, "name: s\ndata: {imagenet: here/imagenet}\n")).trial
+    assert relative.data.imagenet == os.path.join(os.getcwd(), "here", "imagenet")  # relative paths made absolute
 
 
 def test_overrides_are_typed(tmp_path):
@@ -59,15 +71,17 @@ def test_values_take_the_type_their_field_declares(tmp_path):
     spec = load_spec(write(tmp_path, """
 name: no
 seed: 7
-pretrain: {lr: 1e-3, weight_decay: 5e-4, compile: off, channels_last: on, label_set: fine, num_classes: null}
+pretrain: {lr: 1e-3, weight_decay: 5e-4, label_set: fine, num_classes: null}
+runtime: {pretrain: {compile: off, channels_last: on}}
 model: {width: 1, resolution: 64}
 transfer:
   detection: {window_sizes: [1e-1, .5], box_target_stds: [0.1, 0.1, 0.2, 2e-1]}
 grid:
   pretrain.momentum: [0, 9e-1]
 """))
-    pre = spec.trial.pretrain
-    assert (pre.lr, pre.weight_decay, pre.compile, pre.channels_last, pre.num_classes) == (0.001, 0.0005, "off", "on", None)
+    pre, runtime = spec.trial.pretrain, spec.trial.runtime.pretrain
+    assert (pre.lr, pre.weight_decay, pre.num_classes) == (0.001, 0.0005, None)
+    assert (runtime.compile, runtime.channels_last) == ("off", "on")
     assert spec.trial.name == "no" and spec.trial.seed == 7 and spec.trial.model.width == 1.0
     assert spec.trial.transfer.detection.window_sizes == (0.1, 0.5)
     assert spec.trial.transfer.detection.box_target_stds == (0.1, 0.1, 0.2, 0.2)
@@ -75,8 +89,10 @@ grid:
     assert [t.pretrain.momentum for t in spec.trials()] == [0.0, 0.9]
     # The same from --set, and a quoted number given to a text field stays text.
     spec = load_spec(write(tmp_path, "name: '2024'\n"), parse_overrides(
-        ["pretrain.lr=1e-3", "pretrain.compile=off", "pretrain.label_set=fine", "grid.pretrain.weight_decay=[5e-4, 0]"]))
-    assert spec.trial.name == "2024" and spec.trial.pretrain.lr == 0.001 and spec.trial.pretrain.compile == "off"
+        ["pretrain.lr=1e-3", "runtime.pretrain.compile=off", "pretrain.label_set=no",
+         "grid.pretrain.weight_decay=[5e-4, 0]"]))
+    assert spec.trial.name == "2024" and spec.trial.pretrain.lr == 0.001 and spec.trial.runtime.pretrain.compile == "off"
+    assert spec.trial.pretrain.label_set == "no"
     assert spec.grid == {"pretrain.weight_decay": [0.0005, 0.0]}
     # Unquoted numbers and booleans are text to a text field too: they never become numbers or booleans.
     spec = load_spec(write(tmp_path, "name: 2024\npretrain: {label_set: yes}\n"))
@@ -98,7 +114,7 @@ grid:
     ("pretrain: {lr: -0.01}\n", "pretrain.lr=-0.01 is out of range; allowed: > 0"),
     ("pretrain: {momentum: -0.9}\n", "pretrain.momentum=-0.9 is out of range; allowed: >= 0 and < 1"),
     ("pretrain: {weight_decay: -5e-4}\n", "pretrain.weight_decay=-0.0005 is out of range; allowed: >= 0"),
-    ("pretrain: {compile: yes}\n", "pretrain.compile='yes' is not one of the choices: auto, on, off"),
+    ("runtime: {pretrain: {compile: yes}}\n", "runtime.pretrain.compile='yes' is not one of the choices: auto, on, off"),
     ("model: {resolution: 38}\n", "model.resolution=38 is out of range; allowed: >= 39"),
     ("model: {resolution: 10}\n", "model.resolution=10 is out of range; allowed: >= 39"),
     ("model: {resolution: -64}\n", "model.resolution=-64 is out of range; allowed: >= 39"),
@@ -131,27 +147,109 @@ def test_missing_spec_file_is_named(tmp_path):
         load_spec(tmp_path / "nope.yaml")
 
 
-def test_trial_id_is_stable():
-    assert trial_id(TrialConfig()) == trial_id(TrialConfig())
-    assert trial_id(TrialConfig(seed=1)) != trial_id(TrialConfig())
-    # 12 hex digits, the same in another process with another hash seed (it names MLflow runs).
-    import os
-    import re
-    import subprocess
-    import sys
+def with_data(config: TrialConfig, paths: dict[str, str]) -> TrialConfig:
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, **paths))
 
-    code = "from itl_ray.config import TrialConfig, trial_id; print(trial_id(TrialConfig(seed=3)))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": "7"}).stdout.strip()
-    assert re.fullmatch(r"[0-9a-f]{12}", other) and other == trial_id(TrialConfig(seed=3))
+
+def test_trial_id_is_stable(mini_paths):
+    config = with_data(TrialConfig(), mini_paths)
+    assert trial_id(config) == trial_id(with_data(TrialConfig(), mini_paths))
+    assert trial_id(dataclasses.replace(config, seed=1)) != trial_id(config)
+    # 12 hex digits, the same in another process with another hash seed (it names MLflow runs).
+    code = ("import dataclasses, json, sys; from itl_ray.config import TrialConfig, trial_id; "
+            "c = TrialConfig(seed=3); "
+            "print(trial_id(dataclasses.replace(c, data=dataclasses.replace(c.data, **json.loads(sys.argv[1])))))")
+    other = subprocess.run([sys.executable, "-c", code, json.dumps(mini_paths)], capture_output=True, text=True,
+                           check=True, env={**os.environ, "PYTHONHASHSEED": "7"}).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", other) and other == trial_id(dataclasses.replace(config, seed=3))
+
+
+def test_trial_id_ignores_runtime_settings(mini_paths):
+    """Workers, threads, device, compile, test batch size: how fast, not what. A sweep resumed with
+    other values finds its trials again."""
+    base = with_data(TrialConfig(), mini_paths)
+    faster = override(base, {"runtime.threads": 7, "runtime.device": "cpu", "runtime.pretrain.workers": 12,
+                             "runtime.pretrain.prefetch": 9, "runtime.pretrain.cache_gib": 0,
+                             "runtime.pretrain.cpu_decode_share": 0.25, "runtime.pretrain.channels_last": "on",
+                             "runtime.pretrain.compile": "off", "runtime.detection.test_batch_size": 1})
+    assert faster.runtime != base.runtime and trial_id(faster) == trial_id(base)
+    for key, value in (("pretrain.lr", 0.02), ("pretrain.precision", "fp32"), ("pretrain.pipeline", "torchvision"),
+                       ("transfer.detection.nms_iou", 0.4), ("data.sun397_partition", 2), ("model.width", 0.5)):
+        assert trial_id(override(base, {key: value})) != trial_id(base), key
+
+
+def test_trial_id_names_data_by_content_not_path(mini_paths, raw_paths, tmp_path):
+    base = with_data(TrialConfig(), mini_paths)
+    moved = tmp_path / "elsewhere" / "sun397"
+    shutil.copytree(mini_paths["sun397"], moved)
+    assert trial_id(with_data(base, {"sun397": str(moved)})) == trial_id(base)
+    # The same images stored in shards of another size: the same content.
+    reshard = tmp_path / "reshard"
+    prepare("sun397", raw_paths["sun397"], reshard, PrepareSettings(short_side=256, shard_size=7), workers=1)
+    assert trial_id(with_data(base, {"sun397": str(reshard)})) == trial_id(base)
+    # Other stored images (another size) or other labels: other content, another trial.
+    smaller = tmp_path / "smaller"
+    prepare("sun397", raw_paths["sun397"], smaller, PrepareSettings(short_side=64), workers=1)
+    assert trial_id(with_data(base, {"sun397": str(smaller)})) != trial_id(base)
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(mini_paths["sun397"], relabelled)
+    manifest = pq.read_table(relabelled / "manifest.parquet")
+    labels = manifest.column("label").to_pylist()
+    labels[0] = labels[-1]
+    pq.write_table(manifest.set_column(manifest.column_names.index("label"), "label", pa.array(labels)),
+                   relabelled / "manifest.parquet")
+    info = json.loads((relabelled / "PREPARED.json").read_text())
+    del info["content_hash"]  # as a folder prepared before content hashes were recorded
+    (relabelled / "PREPARED.json").write_text(json.dumps(info))
+    assert trial_id(with_data(base, {"sun397": str(relabelled)})) != trial_id(base)
+
+
+def test_an_older_prepared_folder_gets_the_same_hash_computed_and_nothing_written(mini_paths, tmp_path):
+    from itl_ray.config import data_hash
+
+    older = tmp_path / "older"
+    shutil.copytree(mini_paths["voc2012"], older)
+    info = json.loads((older / "PREPARED.json").read_text())
+    recorded = info.pop("content_hash")
+    (older / "PREPARED.json").write_text(json.dumps(info))
+    before = {path: path.stat().st_mtime_ns for path in older.rglob("*")}
+    assert data_hash(str(older), "voc2012-action", "data.voc2012") == recorded
+    assert {path: path.stat().st_mtime_ns for path in older.rglob("*")} == before
+
+
+def test_sweep_id_ignores_runtime_settings(mini_paths, tmp_path):
+    from itl_ray.sweep import sweep_id
+
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
+    plain = load_spec(spec)
+    faster = load_spec(spec, parse_overrides(["runtime.pretrain.workers=3", "runtime.threads=2"]))
+    assert sweep_id(plain) == sweep_id(faster)
+    assert sweep_id(load_spec(spec, parse_overrides(["pretrain.lr=0.5"]))) != sweep_id(plain)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("threads: 2\n", "unknown key 'threads' (it is runtime.threads now)"),
+    ("device: cpu\n", "unknown key 'device' (it is runtime.device now)"),
+    ("pretrain: {workers: 2}\n", "unknown key 'pretrain.workers' (it is runtime.pretrain.workers now)"),
+    ("transfer: {detection: {test_batch_size: 2}}\n",
+     "unknown key 'transfer.detection.test_batch_size' (it is runtime.detection.test_batch_size now)"),
+    ("grid: {pretrain.compile: [on, off]}\n", "grid: unknown key 'pretrain.compile' (it is runtime.pretrain.compile now)"),
+    ("grid: {runtime.pretrain.workers: [1, 2]}\n", "grid.runtime.pretrain.workers: runtime settings change how fast"),
+    ("grid: {seed: [0, 1]}\nextra_trials: [{seed: 1}]\n", "seed=1 and extra_trials[0] are the same trial"),
+    ("extra_trials: [{runtime.threads: 2}]\n", "the base trial and extra_trials[0] are the same trial"),
+    ("runtime: {device: gpu}\n", "runtime.device='gpu' is not one of the choices: auto, cpu, cuda"),
+    ("runtime: {threads: -1}\n", "runtime.threads=-1 is out of range; allowed: >= 0"),
+    ("runtime: {detection: {test_batch_size: 0}}\n", "runtime.detection.test_batch_size=0 is out of range"),
+])
+def test_runtime_settings_live_in_their_section(tmp_path, text, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_spec(write(tmp_path, "name: s\n" + text))
 
 
 def test_the_config_does_not_import_the_data_generator():
     """The config learns where prepared data lies from itl_ray.shards; the generator (and WordNet)
     stay out of every process that only reads a spec."""
     import ast
-    import subprocess
-    import sys
 
     code = "import sys, itl_ray.config; print(sorted(m for m in sys.modules if m.startswith('itl_ray.')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -149,8 +149,6 @@ class DetectionConfig:
     nms_iou: Fraction = 0.3
     # Test: at most this many detections per image over all classes (Fast R-CNN: 100).
     max_detections: Annotated[int, Ge(1)] = 100
-    # Test: images per forward pass (no gradients; larger only uses more memory).
-    test_batch_size: Annotated[int, Ge(1)] = 8
 
     def check(self) -> None:
         """The rules between fields (bounds and choices are declared on the fields): ValueError
@@ -159,6 +157,17 @@ class DetectionConfig:
             raise ValueError(f"max_size ({self.max_size}) must be at least image_size ({self.image_size})")
         if not self.bg_iou_low < self.bg_iou_high:
             raise ValueError(f"bg_iou_low ({self.bg_iou_low:g}) must be below bg_iou_high ({self.bg_iou_high:g})")
+
+
+@dataclass(frozen=True)
+class DetectionRuntime:
+    """How fast detection runs, not what it computes (the trial config's ``runtime.detection``; not
+    part of ``trial_id``)."""
+
+    # Test images per forward pass (no gradients; larger uses more memory). A batch is padded at
+    # the bottom and right to its largest image with the mean colour (as Fast R-CNN pads), so only
+    # regions at an image's padded edges can score differently with another batch size.
+    test_batch_size: Annotated[int, Ge(1)] = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,12 +484,12 @@ def _train(model: FastRCNN, images: list[_Image], proposals: _Proposals, config:
 
 @torch.no_grad()
 def _detect(model: FastRCNN, images: list[_Image], proposals: _Proposals, config: DetectionConfig,
-            device: torch.device) -> dict[int, list[tuple[str, float, tuple[float, float, float, float]]]]:
+            device: torch.device, batch_size: int) -> dict[int, list[tuple[str, float, tuple[float, float, float, float]]]]:
     """Detections per class index (1..C): (image id, score, box in original VOC coordinates)."""
     model.eval()
     detections: dict[int, list] = {label: [] for label in range(1, model.num_classes + 1)}
-    for first in range(0, len(images), config.test_batch_size):
-        batch = images[first : first + config.test_batch_size]
+    for first in range(0, len(images), batch_size):
+        batch = images[first : first + batch_size]
         windows = [proposals(image.pixels.shape[1], image.pixels.shape[2]) for image in batch]
         rois = torch.cat([torch.cat((torch.full((len(boxes), 1), float(index)), boxes), dim=1)
                           for index, boxes in enumerate(windows)])
@@ -540,10 +549,12 @@ def evaluate_detection(
     device: torch.device,
     seed: int,
     log=print,
+    runtime: DetectionRuntime = DetectionRuntime(),
 ) -> dict[str, float]:
     """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``trainval`` and measure it on
     ``test``. Returns percent: ``voc07_det_map`` and ``voc07_det_ap_<class>`` for each VOC class
-    that has a non-difficult object in ``test`` (the others are logged and left out).
+    that has a non-difficult object in ``test`` (the others are logged and left out). ``runtime``:
+    how fast, not what (``DetectionRuntime``).
 
     The caller's backbone is not modified. Runs are deterministic for a seed on CPU: every random
     draw comes from ``seed`` (global RNG state, which dropout uses, is restored afterwards).
@@ -566,7 +577,7 @@ def evaluate_detection(
         generator = torch.Generator().manual_seed(seed)
         model = FastRCNN(copy.deepcopy(backbone), len(VOC_CLASSES), generator).to(device)
         _train(model, train_images, proposals, config, generator, device, log)
-        detections = _detect(model, test_images, proposals, config, device)
+        detections = _detect(model, test_images, proposals, config, device, runtime.test_batch_size)
 
     metrics: dict[str, float] = {}
     aps = []
