@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 from itl_ray.datasets.synthetic import prepared_paths
 from itl_ray.errors import UserError
+from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.pretrain import PretrainConfig
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig
@@ -103,7 +103,7 @@ class SweepSpec:
 
     Two forms. One experiment: ``grid`` (dotted keys and values, every combination) and
     ``extra_trials`` (e.g. the control), tagged with the experiment ``experiment`` (default: the
-    sweep's ``name``). Several: ``experiments`` maps each name to its own grid, trials and
+    sweep's ``name``); with neither, the base config is the one trial. Several: ``experiments`` maps each name to its own grid, trials and
     settings; top-level ``extra_trials`` then belong to every experiment (the random-init control).
     A trial that several experiments list with the same config runs once and counts for each.
     ``seeds`` repeats every trial once per seed (the trial's ``seed`` setting); empty: the base
@@ -141,7 +141,7 @@ class SweepSpec:
             raise UserError(f"seeds: {self.seeds} lists a seed twice")
 
     def experiment_names(self) -> list[str]:
-        return list(self.experiments) or [self.experiment or _as_name(self.trial.name)]
+        return list(self.experiments) or [self.experiment or as_experiment_name(self.trial.name)]
 
     def planned(self) -> list[PlannedTrial]:
         """Every trial once (grid order, then listed trials, then shared extra trials; each once
@@ -168,7 +168,9 @@ class SweepSpec:
 
         for name, (grid, listed, settings, prefix) in groups.items():
             keys = list(grid)
-            for values in itertools.product(*(grid[key] for key in keys)):
+            # No grid: only the listed trials; a spec with neither runs its base config alone.
+            points = itertools.product(*(grid[key] for key in keys)) if grid or not (prefix or listed) else []
+            for values in points:
                 add({**settings, **dict(zip(keys, values))}, f"{prefix}grid", [name])
             for index, extra in enumerate(listed):
                 where = f"{prefix}trials[{index}]" if prefix else f"extra_trials[{index}]"
@@ -192,14 +194,6 @@ class SweepSpec:
         if self.seeds and "seed" not in keys:
             keys.append("seed")
         return keys
-
-
-EXPERIMENT_NAME = re.compile(r"[a-z0-9_]+")
-
-
-def _as_name(text: str) -> str:
-    """A sweep name as an experiment name: lower case, other characters as ``_``."""
-    return re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_") or "experiment"
 
 
 SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"trial"}

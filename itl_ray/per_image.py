@@ -89,7 +89,7 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     return table.select(list(expected)).to_pandas()
 
 
-def _ordered(names, known: tuple[str, ...]) -> list[str]:
+def _ordered(names: list[str], known: tuple[str, ...]) -> list[str]:
     """Names in the order the logged metric averages them: the task's class order, others sorted after."""
     present = set(names)
     return [name for name in known if name in present] + sorted(present - set(known))
@@ -105,67 +105,108 @@ def _sequential_sum(columns) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Ranking:
-    """One class's rows best first, reduced to what AP needs on any resample: the image of each
-    true positive, and a sparse (images x true positives) count of the false positives ranked
-    between the previous true positive and this one."""
+class _Rankings:
+    """Every class's rows best first, reduced to what AP needs on any resample: the image of each
+    true positive (the classes' true positives one after another, class c's in rows
+    ``starts[c]:starts[c] + lengths[c]``), and a sparse (true positives x images) count of the
+    false positives ranked between the previous true positive of the class and this one."""
 
-    tp_images: np.ndarray  # (K,) image index of each true positive, best first
-    fp_before: scipy.sparse.csr_matrix  # (N, K) false positives of image i ranked just before tp k
+    tp_images: np.ndarray  # (K,) image index of each true positive
+    fp_before: scipy.sparse.csr_matrix  # (K, N) false positives of image i ranked just before tp k
+    starts: np.ndarray  # (C,) first row of each class
+    lengths: np.ndarray  # (C,) true positives of each class
 
     @classmethod
-    def build(cls, images: np.ndarray, scores: np.ndarray, tp: np.ndarray, fp: np.ndarray, count: int) -> "_Ranking":
-        order = np.argsort(-scores, kind="stable")  # equal scores keep file order, as the metric does
-        images, tp, fp = images[order], tp[order], fp[order]
-        segment = np.cumsum(tp) - tp  # true positives ranked before each row
-        kept = fp & (segment < tp.sum())  # false positives after the last true positive change no precision that counts
-        fp_before = scipy.sparse.csr_matrix((np.ones(int(kept.sum())), (images[kept], segment[kept])),
-                                            shape=(count, int(tp.sum())))
-        return cls(images[tp], fp_before)
+    def build(cls, images: np.ndarray, classes: np.ndarray, scores: np.ndarray, tp: np.ndarray, fp: np.ndarray,
+              class_count: int, image_count: int) -> "_Rankings":
+        tp_images, fp_rows, fp_images, lengths = [], [], [], []
+        start = 0
+        for column in range(class_count):
+            mine = np.nonzero(classes == column)[0]
+            order = mine[np.argsort(-scores[mine], kind="stable")]  # equal scores keep file order, as the metric
+            is_tp, is_fp = tp[order], fp[order]
+            segment = np.cumsum(is_tp) - is_tp  # true positives ranked before each row
+            kept = is_fp & (segment < is_tp.sum())  # false positives after the last true positive change no AP
+            tp_images.append(images[order][is_tp])
+            fp_rows.append(start + segment[kept])
+            fp_images.append(images[order][kept])
+            lengths.append(int(is_tp.sum()))
+            start += lengths[-1]
+        fp_before = scipy.sparse.csr_matrix(
+            (np.ones(sum(len(rows) for rows in fp_rows)), (np.concatenate(fp_rows), np.concatenate(fp_images))),
+            shape=(start, image_count))
+        lengths = np.array(lengths, dtype=np.int64)
+        return cls(np.concatenate(tp_images).astype(np.int64), fp_before, np.cumsum(lengths) - lengths, lengths)
 
-    def precision_recall(self, weights: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(recall, precision) at each true positive for each resample: (B, K) arrays."""
-        true_positives = np.cumsum(weights[:, self.tp_images], axis=1)
-        false_positives = np.cumsum(np.asarray(weights @ self.fp_before), axis=1)
+    def _per_class_cumsum(self, values: np.ndarray) -> np.ndarray:
+        """Running sums down each class's rows."""
+        for start, length in zip(self.starts, self.lengths):
+            if length > 1:
+                np.cumsum(values[start : start + length], axis=0, out=values[start : start + length])
+        return values
+
+    def precision_recall(self, weights_t: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(recall, precision) at each true positive for each resample, as (K, B) arrays, from the
+        transposed weights (images x resamples) and the positives of each class (C x resamples)."""
+        true_positives = self._per_class_cumsum(weights_t[self.tp_images])
+        false_positives = self._per_class_cumsum(self.fp_before @ weights_t)
         counted = true_positives + false_positives
         precision = np.divide(true_positives, counted, out=np.zeros_like(counted), where=counted > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            recall = true_positives / positives[:, None]
+            recall = true_positives / np.repeat(positives, self.lengths, axis=0)
         return recall, precision
 
+    def best_after(self, precision: np.ndarray) -> np.ndarray:
+        """The best precision at or after each row, within its class."""
+        best = np.empty_like(precision)
+        for start, length in zip(self.starts, self.lengths):
+            rows = slice(start, start + length)
+            best[rows] = np.maximum.accumulate(precision[rows][::-1], axis=0)[::-1]
+        return best
 
-def _suffix_max(values: np.ndarray) -> np.ndarray:
-    """Best value at or after each position, along axis 1."""
-    return np.maximum.accumulate(values[:, ::-1], axis=1)[:, ::-1]
+    def eleven_point_ap(self, recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+        """VOC 2007 AP of each class on each resample (C x B): at each recall level the best
+        precision at that recall or beyond (0 when never reached), averaged over 11 levels.
+        Precision peaks at true positives, so they decide every level, as in ``metrics.voc07_ap``.
+
+        Where a level is first reached: each row gets the number of levels its recall reaches
+        (recall rises down a class), and one binary search over (resample, class, reached) keys,
+        sorted as the rows lie, finds for every (resample, class, level) the first row past it."""
+        classes = len(self.lengths)
+        positions, count = recall.shape
+        aps = np.zeros((classes, count))
+        if positions == 0:
+            return aps
+        best = self.best_after(precision)
+        levels = np.array(ELEVEN_RECALL_LEVELS)
+        reached = np.searchsorted(levels, recall, side="right")  # (K, B): levels <= recall, 0..11
+        row_class = np.repeat(np.arange(classes), self.lengths)
+        span = len(levels) + 1
+        keys = (np.arange(count)[:, None] * classes + row_class[None, :]) * span + reached.T  # (B, K), ascending
+        queries = (np.arange(count)[:, None, None] * classes + np.arange(classes)[None, :, None]) * span \
+            + np.arange(len(levels))[None, None, :]  # (B, C, 11): rows of that class with reached <= level
+        first = np.searchsorted(keys.ravel(), queries.ravel(), side="right").reshape(queries.shape)
+        first -= np.arange(count)[:, None, None] * positions  # a row index within the resample
+        ends = (self.starts + self.lengths)[None, :, None]
+        values = np.where(first < ends, best.T[np.arange(count)[:, None, None], np.minimum(first, positions - 1)], 0.0)
+        return (_sequential_sum(np.moveaxis(values, 2, 0)) / len(levels)).T
+
+    def area_ap(self, recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+        """VOC 2010+ AP of each class on each resample (C x B): the area under the precision
+        envelope, summed over the recall steps (each true positive's) as ``metrics.voc_area_ap``
+        sums them (numpy's pairwise sum of each class's steps)."""
+        best = self.best_after(precision)
+        aps = np.zeros((len(self.lengths), recall.shape[1]))
+        for column, (start, length) in enumerate(zip(self.starts, self.lengths)):
+            if length:
+                rows = slice(start, start + length)
+                steps = np.diff(recall[rows], axis=0, prepend=0.0)
+                aps[column] = np.sum(np.ascontiguousarray((steps * best[rows]).T), axis=1)
+        return aps
 
 
-def _eleven_point_ap(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """VOC 2007 AP per row from its true positives' (recall, precision): at each recall level the
-    best precision at that recall or beyond (0 when never reached), averaged over 11 levels.
-    Precision peaks at true positives, so they decide every level, as in ``metrics.voc07_ap``."""
-    count, positions = recall.shape
-    if positions == 0:
-        return np.zeros(count)
-    best = _suffix_max(precision)
-    rows = np.arange(count)
-    values = []
-    for level in ELEVEN_RECALL_LEVELS:
-        first = (recall < level).sum(axis=1)  # recall is non-decreasing along a row
-        values.append(np.where(first < positions, best[rows, np.minimum(first, positions - 1)], 0.0))
-    return _sequential_sum(values) / len(ELEVEN_RECALL_LEVELS)
-
-
-def _area_ap(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """VOC 2010+ AP per row: the area under the precision envelope, summed over the recall steps
-    (each true positive's), as ``metrics.voc_area_ap`` sums them."""
-    if recall.shape[1] == 0:
-        return np.zeros(recall.shape[0])
-    steps = np.diff(recall, axis=1, prepend=0.0)
-    return np.sum(steps * _suffix_max(precision), axis=1)
-
-
-def _mean_defined(values: list[np.ndarray]) -> np.ndarray:
-    """Per row, the mean of the values that are not NaN (NaN when none), adding in list order."""
+def _mean_defined(values) -> np.ndarray:
+    """Per resample, the mean of the values that are not NaN (NaN when none), adding in order."""
     defined = [~np.isnan(value) for value in values]
     total = _sequential_sum([np.where(ok, value, 0.0) for value, ok in zip(values, defined)])
     count = _sequential_sum([ok.astype(np.float64) for ok in defined])
@@ -183,39 +224,39 @@ class TaskScores:
         raise NotImplementedError
 
 
-def _index(images: tuple[str, ...], ids: pd.Series) -> np.ndarray:
-    position = {image: i for i, image in enumerate(images)}
-    return ids.map(position).to_numpy(dtype=np.int64)
+def _index(names, values: pd.Series) -> np.ndarray:
+    """Position of each value in ``names`` (-1 where absent)."""
+    return pd.Index(list(names)).get_indexer(values)
+
+
+def _unique(values: pd.Series) -> list[str]:
+    return sorted(pd.unique(values.to_numpy(dtype=object)))
 
 
 class DetectionScores(TaskScores):
     """VOC 2007 detection: mean over classes of 11-point AP (``voc07_det_map``)."""
 
     def __init__(self, detections: pd.DataFrame, positives: pd.DataFrame):
-        self.images = tuple(sorted(set(positives["image_id"])))
-        unknown = set(detections["image_id"]) - set(self.images)
-        if unknown:
-            raise UnusableScores(f"{len(unknown)} detected images are not in voc07_det_positives.parquet "
-                                 f"(e.g. {sorted(unknown)[0]!r})")
-        self.classes = _ordered(positives["class"], VOC_CLASSES)
-        table = positives.pivot_table(index="image_id", columns="class", values="positives", aggfunc="sum",
-                                      fill_value=0)
-        self.positives = table.reindex(index=list(self.images), columns=self.classes, fill_value=0).to_numpy(np.float64)
+        self.images = tuple(_unique(positives["image_id"]))
         image_index = _index(self.images, detections["image_id"])
-        self.rankings = {}
-        for name in self.classes:
-            mine = (detections["class"] == name).to_numpy()
-            self.rankings[name] = _Ranking.build(image_index[mine], detections["score"].to_numpy()[mine],
-                                                 detections["tp"].to_numpy()[mine], detections["fp"].to_numpy()[mine],
-                                                 len(self.images))
+        if (image_index < 0).any():
+            unknown = detections["image_id"].to_numpy(dtype=object)[image_index < 0]
+            raise UnusableScores(f"{len(set(unknown))} detected images are not in voc07_det_positives.parquet "
+                                 f"(e.g. {unknown[0]!r})")
+        self.classes = _ordered(_unique(positives["class"]), VOC_CLASSES)
+        self.positives_t = scipy.sparse.csr_matrix(  # (classes, images), duplicates summed
+            (positives["positives"].to_numpy().astype(np.float64),
+             (_index(self.classes, positives["class"]), _index(self.images, positives["image_id"]))),
+            shape=(len(self.classes), len(self.images)))
+        self.rankings = _Rankings.build(image_index, _index(self.classes, detections["class"]),
+                                        *(detections[name].to_numpy() for name in ("score", "tp", "fp")),
+                                        len(self.classes), len(self.images))
 
     def metric(self, weights: np.ndarray) -> np.ndarray:
-        positives = weights @ self.positives  # (B, classes)
-        aps = []
-        for column, name in enumerate(self.classes):
-            recall, precision = self.rankings[name].precision_recall(weights, positives[:, column])
-            ap = _eleven_point_ap(recall, precision)
-            aps.append(np.where(positives[:, column] > 0, ap, np.nan))  # no positive: AP undefined
+        weights_t = np.ascontiguousarray(weights.T)
+        positives = self.positives_t @ weights_t  # (classes, B)
+        recall, precision = self.rankings.precision_recall(weights_t, positives)
+        aps = np.where(positives > 0, self.rankings.eleven_point_ap(recall, precision), np.nan)  # no positive: undefined
         return 100 * _mean_defined(aps)
 
 
@@ -223,23 +264,22 @@ class ActionScores(TaskScores):
     """VOC 2012 actions: mean over actions of the area AP (``voc12_act_map``)."""
 
     def __init__(self, scores: pd.DataFrame):
-        self.images = tuple(sorted(set(scores["image_id"])))
-        self.actions = _ordered(scores["action"], ACTION_CLASSES)
+        self.images = tuple(_unique(scores["image_id"]))
+        self.actions = _ordered(_unique(scores["action"]), ACTION_CLASSES)
         image_index = _index(self.images, scores["image_id"])
-        self.rankings = {}
-        for name in self.actions:
-            mine = (scores["action"] == name).to_numpy()
-            label = scores["label"].to_numpy()[mine]
-            self.rankings[name] = _Ranking.build(image_index[mine], scores["score"].to_numpy()[mine], label == 1,
-                                                 label == 0, len(self.images))
+        labels = scores["label"].to_numpy()
+        self.rankings = _Rankings.build(image_index, _index(self.actions, scores["action"]), scores["score"].to_numpy(),
+                                        labels == 1, labels == 0, len(self.actions), len(self.images))
+        positive = labels == 1  # positives: the persons doing the action (every one is ranked)
+        self.positives_t = scipy.sparse.csr_matrix(
+            (np.ones(int(positive.sum())), (_index(self.actions, scores["action"])[positive], image_index[positive])),
+            shape=(len(self.actions), len(self.images)))
 
     def metric(self, weights: np.ndarray) -> np.ndarray:
-        aps = []
-        for name in self.actions:
-            ranking = self.rankings[name]
-            positives = weights[:, ranking.tp_images].sum(axis=1) if len(ranking.tp_images) else np.zeros(len(weights))
-            recall, precision = ranking.precision_recall(weights, positives)
-            aps.append(np.where(positives > 0, _area_ap(recall, precision), np.nan))
+        weights_t = np.ascontiguousarray(weights.T)
+        positives = self.positives_t @ weights_t  # (actions, B)
+        recall, precision = self.rankings.precision_recall(weights_t, positives)
+        aps = np.where(positives > 0, self.rankings.area_ap(recall, precision), np.nan)
         return 100 * _mean_defined(aps)
 
 
@@ -250,18 +290,20 @@ class SceneScores(TaskScores):
         if predictions["image_id"].duplicated().any():
             raise UnusableScores("sun397_predictions.parquet lists an image twice")
         predictions = predictions.sort_values("image_id", kind="stable")
-        self.images = tuple(predictions["image_id"])
-        self.scenes = sorted(set(predictions["label"]))
-        scene = predictions["label"].map({name: i for i, name in enumerate(self.scenes)}).to_numpy()
-        right = (predictions["label"] == predictions["prediction"]).to_numpy(np.float64)
+        self.images = tuple(predictions["image_id"].to_numpy(dtype=object))
+        self.scenes = _unique(predictions["label"])
+        scene = _index(self.scenes, predictions["label"])
+        right = (predictions["label"].to_numpy(dtype=object) == predictions["prediction"].to_numpy(dtype=object))
+        right = right.astype(np.float64)
         rows = np.arange(len(self.images))
         shape = (len(self.images), len(self.scenes))
-        self.members = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, scene)), shape=shape)
-        self.correct = scipy.sparse.csr_matrix((right, (rows, scene)), shape=shape)
+        self.members = scipy.sparse.csr_matrix((np.ones(len(rows)), (scene, rows)), shape=shape[::-1])
+        self.correct = scipy.sparse.csr_matrix((right, (scene, rows)), shape=shape[::-1])
 
     def metric(self, weights: np.ndarray) -> np.ndarray:
-        totals = np.asarray(weights @ self.members)
-        correct = np.asarray(weights @ self.correct)
+        weights_t = np.ascontiguousarray(weights.T)
+        totals = (self.members @ weights_t).T  # (B, scenes)
+        correct = (self.correct @ weights_t).T
         with np.errstate(invalid="ignore", divide="ignore"):
             per_scene = correct / totals
         per_scene[totals == 0] = np.nan  # a scene absent from the resample

@@ -17,7 +17,7 @@ import pandas as pd
 MISSING = "missing"
 
 
-def _cell(value, digits: int) -> str:
+def cell(value, digits: int = 1) -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return MISSING
     if isinstance(value, float):
@@ -27,7 +27,7 @@ def _cell(value, digits: int) -> str:
 
 def _as_text(frame: pd.DataFrame, digits: int) -> pd.DataFrame:
     """Every cell as its final string, so tabulate neither realigns nor reformats numbers."""
-    return pd.DataFrame({column: [_cell(value, digits) for value in frame[column].tolist()]
+    return pd.DataFrame({column: [cell(value, digits) for value in frame[column].tolist()]
                          for column in frame.columns}, columns=list(frame.columns))
 
 

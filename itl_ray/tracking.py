@@ -203,6 +203,18 @@ def _check_openable(uri: str) -> None:
         check_reachable(uri)
 
 
+def _local_path(uri: str) -> Path | None:
+    """The folder a ``file:`` URI or a plain path names; None for remote artifact stores."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] == ":\\"):  # a path (or a Windows drive)
+        return Path(uri)
+    return None
+
+
 class Store:
     """Read access to the tracking store for the report (and logging the report's files on the
     parent run). Opening checks the store first and never creates one; asking for an experiment
@@ -213,8 +225,9 @@ class Store:
 
         self.uri = uri or store_uri()
         _check_openable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download otherwise
         try:
+            self.client = MlflowClient(tracking_uri=self.uri)
             self._experiments = {e.name: e for e in self.client.search_experiments()}
         except Exception as error:  # a file that is not an MLflow database, a refused connection
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -285,6 +298,24 @@ class Store:
         """Download one artifact (file or folder) of a run into ``destination``; returns its local path."""
         Path(destination).mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(destination)))
+
+    def run_folder(self, artifact_uri: str, folder: str, destination: str | Path) -> Path | None:
+        """A run's artifact ``folder`` (``artifact_uri``: the run's, as ``trial_runs`` lists it) as
+        a local folder: read where it lies when the artifact store is local, else downloaded into
+        ``destination``. None when the run has no such folder."""
+        local = _local_path(artifact_uri)
+        if local is not None:
+            path = local / folder
+            return path if path.is_dir() and any(path.iterdir()) else None
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = Path(download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{folder}",
+                                           dst_path=str(destination)))
+        except (MlflowException, OSError):
+            return None
+        return path if path.is_dir() and any(path.iterdir()) else None
 
     def _scratch(self) -> str:
         import tempfile
