@@ -47,7 +47,7 @@ class Interval:
         if self.low > 0:
             return "A higher"
         if self.high < 0:
-            return "B higher"
+            return "A lower"
         return "no significant difference"
 
 
@@ -112,9 +112,10 @@ def image_interval(side_a: Sequence[np.ndarray], side_b: Sequence[np.ndarray], e
 
 
 def _t_quantile(freedom: float, level: float) -> float:
-    from scipy import stats
+    """The two-sided ``level`` quantile of Student's t with ``freedom`` degrees of freedom."""
+    from scipy.special import stdtrit  # scipy.stats.t.ppf, without importing all of scipy.stats
 
-    return float(stats.t.ppf(0.5 + level / 2, freedom))
+    return float(stdtrit(freedom, 0.5 + level / 2))
 
 
 def seed_interval(side_a: dict[int, float], side_b: dict[int, float], level: float = LEVEL) -> Interval:

@@ -4,6 +4,7 @@ as one line (``--debug`` keeps the traceback)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,8 @@ def command_sweep(args) -> int:
     from itl_ray.tracking import tracking_uri
 
     print(f"\n{len(rows)} trials in {time.time() - started:.0f} s; compare them with: "
-          f"mlflow ui --backend-store-uri {tracking_uri()}")
+          f"mlflow ui --backend-store-uri {shlex.quote(tracking_uri())}; their report: itl-ray report --experiment "
+          f"{shlex.quote(spec.trial.name)}")
     errors = [row for row in rows if "error" in row]
     for row in errors:
         print(f"error: trial {row['name']} failed: {row['error']}", file=sys.stderr)

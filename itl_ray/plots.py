@@ -87,7 +87,9 @@ def _spaced(values: list[float], gap: float = 0.13) -> list[float]:
 
 def _seeds_text(points: pd.DataFrame, metric: str) -> str:
     counts = sorted(set(int(n) for n in points[f"{metric}_n"] if n > 0))
-    return "n=" + ("/".join(map(str, counts)) if counts else "0")
+    if not counts:
+        return "n=0"
+    return f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
 
 
 def _panel(axis, section, metric: str) -> None:
@@ -102,16 +104,19 @@ def _panel(axis, section, metric: str) -> None:
     axis.set_title(title, fontsize=11)
     axis.set_ylabel(unit)
     if pretrained.empty and (control[f"{metric}_n"] == 0).all():
-        axis.text(0.5, 0.5, f"no run has {metric}", ha="center", va="center", transform=axis.transAxes, color="0.4")
+        axis.text(0.5, 0.5, f"no run has {metric}:\nthese trials did not measure it", ha="center", va="center",
+                  transform=axis.transAxes, color="0.4")
         axis.set_xticks([])
+        axis.set_yticks([])
         return
     if layout == "categories":
         labels = list(pretrained["label"])
         positions = np.arange(len(labels))
-        errors = pretrained[f"{metric}_std"].fillna(0).to_numpy()
-        axis.bar(positions, pretrained[f"{metric}_mean"], yerr=errors, capsize=5, color="C0", alpha=0.85,
-                 label=f"this sweep (mean ± std over seeds, {_seeds_text(pretrained, metric)})")
-        axis.set_xticks(positions, [textwrap.fill(label, 14) for label in labels], fontsize=8)
+        axis.errorbar(positions, pretrained[f"{metric}_mean"], yerr=pretrained[f"{metric}_std"].fillna(0),
+                      marker="o", markersize=7, linestyle="none", capsize=5, color="C0",
+                      label=f"this sweep (mean ± std over seeds, {_seeds_text(pretrained, metric)})")
+        axis.set_xticks(positions, [label.replace(" (", "\n").rstrip(")") for label in labels], fontsize=7.5)
+        axis.set_xlim(-0.6, len(labels) - 0.4)
         axis.set_xlabel("pretraining label set")
         for value, point_id in published:
             where = list(pretrained["point_id"]).index(point_id) if point_id in list(pretrained["point_id"]) else None
@@ -120,21 +125,26 @@ def _panel(axis, section, metric: str) -> None:
                           label=PUBLISHED_LABEL)
     else:
         x, label = _x_axis(layout, points)
-        for index, (name, members) in enumerate(_series(layout, pretrained)):
+        series = _series(layout, pretrained)
+        for index, (name, members) in enumerate(series):
             members = members.dropna(subset=[x])
-            axis.errorbar(members[x], members[f"{metric}_mean"], yerr=members[f"{metric}_std"].fillna(0),
+            # Series that share points (fine in both merge orders) are drawn a little apart.
+            shift = 1 + 0.025 * (index - (len(series) - 1) / 2)
+            axis.errorbar(members[x] * shift, members[f"{metric}_mean"], yerr=members[f"{metric}_std"].fillna(0),
                           marker="o", capsize=4, color=f"C{index}",
                           label=f"{name} ({_seeds_text(members, metric)})")
-            if layout == "budget":
+            if layout == "budget":  # name each point; one series above its points, the next below
                 for _, row in members.iterrows():
                     axis.annotate(f"{int(row['source_classes'])}x{int(row['images_per_class'])}",
-                                  (row[x], row[f"{metric}_mean"]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+                                  (row[x], row[f"{metric}_mean"]), textcoords="offset points", fontsize=7,
+                                  xytext=(0, 7 if index % 2 == 0 else -13), ha="center", color=f"C{index}")
         if published:
             spots = sorted((float(points.set_index("point_id").loc[point_id, x]), value.value)
                            for value, point_id in published)
             axis.plot([s[0] for s in spots], [s[1] for s in spots], marker="*", markersize=13, linestyle=":",
                       color="C3", label=PUBLISHED_LABEL)
         axis.set_xscale("log")
+        axis.margins(x=0.08)
         ticks = _spaced(sorted(set(pretrained[x].dropna()) - {0}))
         if ticks:
             axis.set_xticks(ticks, [f"{int(v):,}" for v in ticks], fontsize=8)

@@ -44,6 +44,7 @@ DEFAULT_OUT = Path("itl_runs/report")  # the report of experiment NAME goes to D
 PARAMS = ("label_set", "num_classes", "source_classes", "images_per_class", "pretrain_images", "seed")
 NUMERIC = ("num_classes", "source_classes", "images_per_class", "pretrain_images", "seed")
 BOOTSTRAP_SEED = 0  # the resamples of the test images: fixed, so a report is reproducible
+NO_SCORES = f"no per-image scores ({PER_IMAGE}/ artifacts)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +218,12 @@ class ImageScores:
     def _folder(self, run_id: str, artifact_uri: str) -> Path | str:
         if run_id not in self._folders:
             found = self.store.run_folder(artifact_uri, PER_IMAGE, self.folder / run_id)
-            self._folders[run_id] = found if found is not None else f"no {PER_IMAGE}/ artifacts"
+            self._folders[run_id] = found if found is not None else NO_SCORES
         return self._folders[run_id]
+
+    def without_scores(self, run_ids) -> int:
+        """How many of these runs have no per-image scores at all (of those looked at)."""
+        return sum(self._folders.get(run_id) == NO_SCORES for run_id in run_ids)
 
     def task(self, run_id: str, artifact_uri: str, metric: str) -> TaskScores | str:
         """The run's scores behind ``metric``, or why there are none."""
@@ -367,7 +372,8 @@ def section(experiment: study.Experiment, trials: pd.DataFrame, planned: dict[st
             images = image_interval(a_values, b_values, metric, estimate, scores)
             seeds = bootstrap.seed_interval(dict(zip(a_values["seed"].astype(int), a_values[metric])),
                                             dict(zip(b_values["seed"].astype(int), b_values[metric])))
-            reasons = [f"images: {images.note}" if images.low is None else "",
+            image_reason = "no per-image scores (see the note)" if images.note.startswith(NO_SCORES) else images.note
+            reasons = [f"images: {image_reason}" if images.low is None else "",
                        f"seeds: {seeds.note}" if seeds.low is None else ""]
             rows.append({"comparison": comparison.label, "metric": metric, "A − B": estimate,
                          "95% CI, test images": _interval_text(images), "A vs B (images)": images.verdict,
@@ -376,6 +382,11 @@ def section(experiment: study.Experiment, trials: pd.DataFrame, planned: dict[st
                          "why no interval": "; ".join(r for r in reasons if r) or "-",
                          "_images": images, "_seeds": seeds})
     compared = pd.DataFrame(rows)
+    missing = scores.without_scores(mine["run_id"]) if scores is not None else 0
+    if missing:
+        notes.append(f"Intervals over test images are left out where a side lacks per-image scores: {missing} of "
+                     f"{len(mine)} trial runs of this experiment have no {PER_IMAGE}/ artifacts (the transfer stages "
+                     "write them; see docs/report.md). The intervals over seeds do not need them.")
     return Section(experiment, points, table, pd.DataFrame(number_rows), compared, [v for _, v in published], notes)
 
 
@@ -447,8 +458,10 @@ def report(experiment: str | None = None, out: str | Path | None = None, resampl
                         "wait for its first trial or run `itl-ray sweep SPEC`")
     log(f"report of {name!r}: sweep run {sweep.info.run_id} ({sweep.info.status}), {len(trials)} trial runs"
         + (f" of {len(plan)} planned" if plan is not None else "") + f", store {store.uri}")
+    declared = [n for n in sweep.data.params.get("experiments", "").split(",") if n]  # the spec's order
     names = list(dict.fromkeys(
-        [n for trial in (plan or []) for n in trial["experiments"]] + [n for ns in trials["experiments"] for n in ns]))
+        declared + [n for trial in (plan or []) for n in trial["experiments"]]
+        + [n for ns in trials["experiments"] for n in ns]))
     sweep_line = _sweep_line(name, sweep, trials, plan)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="itl-report-") as scratch:

@@ -37,7 +37,7 @@ the study's own figures.</li>
 <li><b>Comparisons</b>: the differences the study asks about, A − B in percentage points, with two 95%
 confidence intervals: over <i>test images</i> (paired bootstrap: the test set resampled with replacement, the
 same resamples for A and B, both metrics recomputed from the trials' per-image scores) and over <i>seeds</i>
-(Student's t on the per-seed differences). "A higher" / "B higher" only where the interval excludes 0;
+(Student's t on the per-seed differences). "A higher" / "A lower" only where the interval excludes 0;
 "no significant difference" where it covers 0; "no interval" with the reason where it cannot be computed.</li>
 <li>Metrics: PASCAL-DET = VOC 2007 detection mAP (11-point AP, Fast R-CNN); PASCAL-ACT-CLS = VOC 2012 action
 mAP; SUN-CLS = SUN397 mean per-class accuracy; pretrain_top1 = ImageNet validation top-1 on the trial's own
@@ -56,7 +56,7 @@ def _table(frame, digits: int = 1, verdicts: bool = False) -> str:
     text = shown.to_html(index=False, escape=True, border=0)
     if verdicts:
         text = text.replace("<td>A higher</td>", "<td class='higher'>A higher</td>")
-        text = text.replace("<td>B higher</td>", "<td class='lower'>B higher</td>")
+        text = text.replace("<td>A lower</td>", "<td class='lower'>A lower</td>")
     return text
 
 

@@ -13,6 +13,13 @@ that repeats a report after a retry, or a report log recorded twice, leaves one 
 
 All writes go through ``MlflowClient`` with explicit run ids (no global "active run"), from one
 process: the sweep driver.
+
+The sweep also tags each trial's run with the experiments of the study it belongs to
+(``itl.experiments``, and the param ``experiment``) and its point (``itl.point``, ``itl.point_id``:
+the trial without its seed), and keeps its plan on the parent run (``sweep_plan.json``). ``Store``
+is the reading side, for ``itl-ray report``: it opens a store only when it is there (never creates
+one, an experiment or a run), lists the experiments that have sweeps, returns a sweep's trial runs
+as one pandas frame, reads their artifacts, and logs the report's files on the parent run.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def test_a_trial_better_on_every_image_is_significantly_better():
     assert 0 < interval.low <= estimate <= interval.high
     assert interval.verdict == "A higher"
     swapped = image_interval([b], [a], -estimate)
-    assert swapped.verdict == "B higher" and swapped.high < 0
+    assert swapped.verdict == "A lower" and swapped.high < 0
 
 
 def test_the_interval_is_the_percentiles_of_explicit_paired_resamples():

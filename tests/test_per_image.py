@@ -183,6 +183,12 @@ def test_a_class_without_positives_in_a_resample_is_left_out():
         assert np.isnan(value)
 
 
+def test_the_recall_levels_are_the_metrics_own():
+    from itl_ray import per_image
+
+    assert per_image.ELEVEN_RECALL_LEVELS == metrics.ELEVEN_RECALL_LEVELS
+
+
 def write(tmp_path, name: str, frame: pd.DataFrame, schema: dict | None = None):
     table = pa.Table.from_pandas(frame, preserve_index=False)
     if schema:
