@@ -1,6 +1,6 @@
 """Benchmark: `itl-ray report` over a generated MLflow store of 100 trial runs (target: under 10 s).
 
-    python benchmarks/bench_report.py [--runs 100] [--resamples 1000] [--keep DIR]
+    python benchmarks/bench_report.py [--runs 100] [--resamples 1000] [--keep DIR] [--no-per-image]
 
 Writes a sqlite store the way a sweep does (``Tracker``: one parent run, one run per trial with its
 experiment tags, params, final metrics and per-image scores as artifacts), for the points of
@@ -96,7 +96,7 @@ MINI = {"voc07": 250, "detections_per_image": 30, "voc12": 200, "sun397": 480, "
 REAL = {"voc07": 4952, "detections_per_image": 100, "voc12": 3144, "sun397": 19850, "scenes": 397}
 
 
-def generate_store(folder: Path, runs: int, name: str = "paper", seed: int = 0) -> str:
+def generate_store(folder: Path, runs: int, name: str = "paper", seed: int = 0, per_image: bool = True) -> str:
     """A sqlite store with one sweep of ``runs`` trial runs over POINTS (seeds 0, 1, ... until
     ``runs``), as ``itl-ray sweep`` leaves it. Returns the tracking URI."""
     from itl_ray.tracking import EXPERIMENTS as EXPERIMENT_TAG, POINT, POINT_ID, Tracker
@@ -128,9 +128,10 @@ def generate_store(folder: Path, runs: int, name: str = "paper", seed: int = 0) 
                        "voc12_act_map": 25 + 25 * quality + rng.normal(0, 0.8),
                        "sun397_acc": 20 + 30 * quality + rng.normal(0, 0.5)}
             tracker.log_metrics(run, metrics)
-            with tempfile.TemporaryDirectory() as scratch:
-                per_image_scores(quality, rng, Path(scratch) / "per_image", MINI)
-                tracker.client.log_artifacts(run, str(Path(scratch) / "per_image"), "per_image")
+            if per_image:
+                with tempfile.TemporaryDirectory() as scratch:
+                    per_image_scores(quality, rng, Path(scratch) / "per_image", MINI)
+                    tracker.client.log_artifacts(run, str(Path(scratch) / "per_image"), "per_image")
             tracker.finish(run)
             made += 1
     tracker.log_plan(parent, plan)
@@ -161,12 +162,15 @@ def main() -> int:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--keep", default=None, help="write the store and the report here and keep them")
     parser.add_argument("--skip-real-size", action="store_true")
+    parser.add_argument("--no-per-image", action="store_true",
+                        help="trial runs without per-image scores (as the transfer stages leave them today)")
     args = parser.parse_args()
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="itl-bench-report-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    uri = generate_store(folder, args.runs)
-    print(f"generated {args.runs} trial runs with per-image scores in {time.perf_counter() - started:.1f} s: {uri}")
+    uri = generate_store(folder, args.runs, per_image=not args.no_per_image)
+    print(f"generated {args.runs} trial runs {'without' if args.no_per_image else 'with'} per-image scores in "
+          f"{time.perf_counter() - started:.1f} s: {uri}")
     os.environ["MLFLOW_TRACKING_URI"] = uri
 
     from itl_ray.report import report
@@ -185,7 +189,9 @@ def main() -> int:
         return 1
     print(f"`itl-ray report` as a command (fresh process, imports included): {command:.2f} s (target < 10 s)")
     print(f"report: {folder / 'report' / 'report.html'}")
-    result = {"runs": args.runs, "resamples": args.resamples, "report_in_process_s": round(in_process, 2),
+    result = {"runs": args.runs, "per_image": not args.no_per_image, "resamples": args.resamples,
+              "cores": os.cpu_count(), "load_average": round(os.getloadavg()[0], 2),
+              "report_in_process_s": round(in_process, 2),
               "report_command_s": round(command, 2)}
     if not args.skip_real_size:
         result["real_size_bootstrap_s_per_trial"] = real_size_bootstrap(args.resamples)

@@ -173,9 +173,10 @@ class _Rankings:
         precision at that recall or beyond (0 when never reached), averaged over 11 levels.
         Precision peaks at true positives, so they decide every level, as in ``metrics.voc07_ap``.
 
-        Where a level is first reached: each row gets the number of levels its recall reaches
-        (recall rises down a class), and one binary search over (resample, class, reached) keys,
-        sorted as the rows lie, finds for every (resample, class, level) the first row past it."""
+        Where a level is first reached: each row counts the levels its recall reaches; recall
+        rises down a class, so the rows of a class that reach at most level j come first, and
+        their number (a histogram of those counts per class and resample, summed up to j) points
+        at the first row past level j."""
         classes = len(self.lengths)
         positions, count = recall.shape
         aps = np.zeros((classes, count))
@@ -183,17 +184,16 @@ class _Rankings:
             return aps
         best = self.best_after(precision)
         levels = np.array(ELEVEN_RECALL_LEVELS)
+        span = len(levels) + 1
         reached = np.searchsorted(levels, recall, side="right")  # (K, B): levels <= recall, 0..11
         row_class = np.repeat(np.arange(classes), self.lengths)
-        span = len(levels) + 1
-        keys = (np.arange(count)[:, None] * classes + row_class[None, :]) * span + reached.T  # (B, K), ascending
-        queries = (np.arange(count)[:, None, None] * classes + np.arange(classes)[None, :, None]) * span \
-            + np.arange(len(levels))[None, None, :]  # (B, C, 11): rows of that class with reached <= level
-        first = np.searchsorted(keys.ravel(), queries.ravel(), side="right").reshape(queries.shape)
-        first -= np.arange(count)[:, None, None] * positions  # a row index within the resample
-        ends = (self.starts + self.lengths)[None, :, None]
-        values = np.where(first < ends, best.T[np.arange(count)[:, None, None], np.minimum(first, positions - 1)], 0.0)
-        return (_sequential_sum(np.moveaxis(values, 2, 0)) / len(levels)).T
+        bins = (row_class[:, None] * count + np.arange(count)[None, :]) * span + reached
+        histogram = np.bincount(bins.ravel(), minlength=classes * count * span).reshape(classes, count, span)
+        below = np.cumsum(histogram[:, :, : len(levels)], axis=2)  # (C, B, 11): rows that stop short of level j
+        first = self.starts[:, None, None] + below  # the first row of the class at or past level j
+        reaches = below < self.lengths[:, None, None]
+        values = np.where(reaches, best[np.minimum(first, positions - 1), np.arange(count)[None, :, None]], 0.0)
+        return _sequential_sum(np.moveaxis(values, 2, 0)) / len(levels)
 
     def area_ap(self, recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
         """VOC 2010+ AP of each class on each resample (C x B): the area under the precision

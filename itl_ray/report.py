@@ -32,19 +32,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from itl_ray import bootstrap, study, tables
 from itl_ray.errors import UserError
 from itl_ray.files import write_atomically
-from itl_ray.per_image import FOLDER as PER_IMAGE, METRIC_FILES, TaskScores, UnusableScores, load_task
+from itl_ray.per_image import FOLDER as PER_IMAGE
+from itl_ray.resampling import NO_SCORES, TrialResamples, image_interval
 
 DEFAULT_OUT = Path("itl_runs/report")  # the report of experiment NAME goes to DEFAULT_OUT / NAME
 PARAMS = ("label_set", "num_classes", "source_classes", "images_per_class", "pretrain_images", "seed")
 NUMERIC = ("num_classes", "source_classes", "images_per_class", "pretrain_images", "seed")
-BOOTSTRAP_SEED = 0  # the resamples of the test images: fixed, so a report is reproducible
-NO_SCORES = f"no per-image scores ({PER_IMAGE}/ artifacts)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,77 +200,6 @@ def comparisons(points: pd.DataFrame, experiment: study.Experiment) -> list[stud
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-image scores and intervals
-# ---------------------------------------------------------------------------------------------
-
-class ImageScores:
-    """The trials' per-image scores (MLflow artifacts under ``per_image/``), downloaded once per
-    run, and each trial's metric on the same bootstrap resamples of its test images."""
-
-    def __init__(self, store, resamples: int, folder: Path):
-        self.store, self.resamples, self.folder = store, resamples, folder
-        self._folders: dict[str, Path | str] = {}
-        self._tasks: dict[tuple[str, str], TaskScores | str] = {}
-        self._resampled: dict[tuple[str, str], np.ndarray] = {}
-
-    def _folder(self, run_id: str, artifact_uri: str) -> Path | str:
-        if run_id not in self._folders:
-            found = self.store.run_folder(artifact_uri, PER_IMAGE, self.folder / run_id)
-            self._folders[run_id] = found if found is not None else NO_SCORES
-        return self._folders[run_id]
-
-    def without_scores(self, run_ids) -> int:
-        """How many of these runs have no per-image scores at all (of those looked at)."""
-        return sum(self._folders.get(run_id) == NO_SCORES for run_id in run_ids)
-
-    def task(self, run_id: str, artifact_uri: str, metric: str) -> TaskScores | str:
-        """The run's scores behind ``metric``, or why there are none."""
-        key = (run_id, metric)
-        if key not in self._tasks:
-            folder = self._folder(run_id, artifact_uri)
-            if isinstance(folder, str):
-                self._tasks[key] = folder
-            else:
-                try:
-                    self._tasks[key] = load_task(metric, folder)
-                except UnusableScores as error:
-                    self._tasks[key] = str(error)
-        return self._tasks[key]
-
-    def resampled(self, run_id: str, task: TaskScores, metric: str) -> np.ndarray:
-        key = (run_id, metric)
-        if key not in self._resampled:
-            self._resampled[key] = bootstrap.resampled_metric(task.metric, len(task.images), self.resamples,
-                                                             seed=BOOTSTRAP_SEED)
-        return self._resampled[key]
-
-
-def image_interval(side_a: pd.DataFrame, side_b: pd.DataFrame, metric: str, estimate: float,
-                   scores: ImageScores | None) -> bootstrap.Interval:
-    """Paired bootstrap over test images of mean(A) - mean(B), or the reason it is left out."""
-    if scores is None or scores.resamples <= 0:
-        return bootstrap.Interval(estimate, None, None, "images", "bootstrap turned off (--resamples 0)")
-    if metric not in METRIC_FILES:
-        return bootstrap.Interval(estimate, None, None, "images", f"{metric} has no per-image scores")
-    tasks = {}
-    for _, run in pd.concat([side_a, side_b]).iterrows():
-        task = scores.task(run["run_id"], run["artifact_uri"], metric)
-        if isinstance(task, str):
-            return bootstrap.Interval(estimate, None, None, "images",
-                                      f"{task} for run {run['run_id'][:8]} ({run['point']}, seed {_integer(run['seed'])})")
-        tasks[run["run_id"]] = task
-    images = {task.images for task in tasks.values()}
-    if len(images) > 1:
-        return bootstrap.Interval(estimate, None, None, "images", "the trials were tested on different images")
-    vectors = {run_id: scores.resampled(run_id, task, metric) for run_id, task in tasks.items()}
-    try:
-        return bootstrap.image_interval([vectors[r] for r in side_a["run_id"]], [vectors[r] for r in side_b["run_id"]],
-                                        estimate)
-    except ValueError as error:
-        return bootstrap.Interval(estimate, None, None, "images", str(error))
-
-
-# ---------------------------------------------------------------------------------------------
 # One experiment
 # ---------------------------------------------------------------------------------------------
 
@@ -312,7 +239,7 @@ def published_for(experiment: study.Experiment, points: pd.DataFrame) -> list[tu
 
 
 def section(experiment: study.Experiment, trials: pd.DataFrame, planned: dict[str, int],
-            scores: ImageScores | None) -> Section:
+            scores: TrialResamples | None) -> Section:
     mine = trials[trials["experiments"].map(lambda names: experiment.name in names)]
     metrics = tuple(dict.fromkeys(("pretrain_top1", *study.TRANSFER_METRICS, *experiment.metrics)))
     points = order_points(summarize(mine, metrics, planned), experiment)
@@ -465,7 +392,10 @@ def report(experiment: str | None = None, out: str | Path | None = None, resampl
     sweep_line = _sweep_line(name, sweep, trials, plan)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="itl-report-") as scratch:
-        scores = ImageScores(store, resamples, Path(scratch)) if resamples else None
+        scores = None
+        if resamples:
+            scores = TrialResamples(store, resamples, Path(scratch))
+            scores.prepare(trials)
         sections = []
         for experiment_name in names:
             done = section(study.experiment(experiment_name), trials, planned_seeds(plan), scores)

@@ -134,7 +134,7 @@ def test_the_table_holds_means_stds_and_missing_cells(known_store, tmp_path):
     # 12 per class has no per-image scores at all and one seed, and no detection mAP.
     twelve = compared[("12 vs 150 images per class", "sun397_acc")]
     assert "no per-image scores" in twelve["why_no_interval"]
-    assert "1 of 6 trial runs of this experiment have no per_image/ artifacts" in text
+    assert "2 of 6 trial runs of this experiment have no per_image/ artifacts" in text
     assert "fewer than two seeds" in twelve["why_no_interval"]
     assert compared[("12 vs 150 images per class", "voc07_det_map")]["difference"] == ""
     assert "missing on a side" in compared[("12 vs 150 images per class", "voc07_det_map")]["why_no_interval"]
