@@ -8,7 +8,7 @@
    prepares them (shorter side 256), then measures, in this one run and on these same images,
    training batches of 224 px crops with flips:
    - project: manifest rows read from the memory-mapped shards, decoded, cropped, flipped and
-     normalised by ``itl_ray.loader.FastLoader`` (the pipeline pretraining uses; decoding every
+     normalised by ``itl_ray.fast_loader.FastLoader`` (the pipeline pretraining uses; decoding every
      epoch, no cache) with ``--workers`` decode threads;
    - baseline: ``torchvision.datasets.ImageFolder`` on the source files, PIL decode,
      RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader with
@@ -34,9 +34,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from itl_ray.datasets.synthetic import PREPARE_KINDS, dataset_paths, prepared_paths, synthesize  # noqa: E402
+from itl_ray.datasets.synthetic import dataset_paths, synthesize  # noqa: E402
 from itl_ray.prepare import PrepareSettings, prepare  # noqa: E402
-from itl_ray.shards import Prepared  # noqa: E402
+from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths  # noqa: E402
 
 
 def time_prepare_mini(folder: Path, workers: int) -> dict:
@@ -104,7 +104,9 @@ def read_benchmark(folder: Path, images: int, batch_size: int, workers: int) -> 
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from itl_ray import loader
+    from itl_ray.fast_loader import FastLoader
+    from itl_ray.image_rows import ImageRows
+    from itl_ray.images import MEAN, STD
 
     root = folder / "photos"
     started = time.perf_counter()
@@ -116,9 +118,9 @@ def read_benchmark(folder: Path, images: int, batch_size: int, workers: int) -> 
 
     labels = data.column("label")
     classes = sorted(set(labels))
-    images = loader.ImageRows(data, rows, [classes.index(labels[row]) for row in rows])
-    fast = loader.FastLoader(images, resolution=224, batch_size=batch_size, device=torch.device("cpu"),
-                             workers=workers, cache_gib=0.0, log=lambda line: None)
+    images = ImageRows(data, rows, [classes.index(labels[row]) for row in rows])
+    fast = FastLoader(images, resolution=224, batch_size=batch_size, device=torch.device("cpu"),
+                      workers=workers, cache_gib=0.0, log=lambda line: None)
     generator = torch.Generator().manual_seed(0)
 
     def project():
@@ -126,7 +128,7 @@ def read_benchmark(folder: Path, images: int, batch_size: int, workers: int) -> 
 
     augment = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                   transforms.ToTensor(),
-                                  transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+                                  transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist())])
     image_folder = datasets.ImageFolder(str(root / "train"), transform=augment)
 
     def baseline():
@@ -134,7 +136,7 @@ def read_benchmark(folder: Path, images: int, batch_size: int, workers: int) -> 
 
     project_rate, count = timed_passes(project)
     baseline_rate, _ = timed_passes(baseline)
-    print(f"project  (shards, itl_ray.loader):        {project_rate:8.1f} img/s  ({count} images a pass)")
+    print(f"project  (shards, itl_ray.fast_loader):   {project_rate:8.1f} img/s  ({count} images a pass)")
     print(f"baseline (ImageFolder + PIL, torchvision): {baseline_rate:8.1f} img/s")
     print(f"ratio: {project_rate / baseline_rate:.2f}x (goal: at least 2x)")
     return {"read_project_img_s": round(project_rate, 1), "read_baseline_img_s": round(baseline_rate, 1),

@@ -9,7 +9,7 @@ pipeline + the same training, on the same generated images, in one run.
 3. Timing, each after warm-up steps that are not counted, the same model, batch and resolution:
    - baseline: torchvision ImageFolder + PIL + RandomResizedCrop + flip + ToTensor + Normalize in a
      DataLoader (workers = cores, shuffled, pinned memory on CUDA), the training step in eager mode;
-   - project: ``loader.FastLoader`` decoding every epoch (the in-memory cache is off) with the same
+   - project: ``fast_loader.FastLoader`` decoding every epoch (the in-memory cache is off) with the same
      augmentation (random_resized_crop), feeding ``pretrain.TrainStep`` (bf16 autocast, channels_last
      and torch.compile on CUDA, as pretraining uses it); one run per (short side, CPU decode share);
    - the project's loader alone, and the model alone on one batch already on the device (the
@@ -46,6 +46,9 @@ SIZE_WEIGHTS = (0.55, 0.15, 0.1, 0.08, 0.07, 0.05)  # most ImageNet photos are 5
 
 @dataclass(frozen=True)
 class BenchSettings:
+    """``itl-ray bench``'s options (one field per command-line flag); ``validate`` raises UserError
+    naming the flag of a bad value."""
+
     device: str = "cpu"  # cpu or cuda
     images: int = 1000  # generated training images (plus one validation image per class)
     classes: int = 100
@@ -56,7 +59,7 @@ class BenchSettings:
     seconds: float = 12.0  # timed per measurement, after warm-up
     warmup: int = 3  # steps not timed (plus torch.compile's)
     # Baseline DataLoader processes and project decode threads; 0: all cores for the baseline,
-    # loader.default_workers for the project.
+    # fast_loader.default_workers for the project.
     workers: int = 0
     prefetch: int = 4
     short_sides: tuple[int, ...] = ()  # stored shorter side of the project's shards; empty: 256/224 of the resolution
@@ -69,13 +72,14 @@ class BenchSettings:
     @staticmethod
     def defaults(device: str) -> "BenchSettings":
         """CPU: a quarter-width AlexNet at 64 px (the demo's), so a 2-core run takes a minute or two.
-        CUDA: the full AlexNet at 224 px, batch 512 (the issue's target)."""
+        CUDA: the full AlexNet at 224 px, batch 512 (the GPU target; ../shared/reference/ANCHORS.md)."""
         if device == "cuda":
             return BenchSettings(device="cuda", images=10000, batch_size=512, resolution=224, width=1.0,
                                  seconds=10.0, warmup=15, cpu_decode_shares=(0.0, 0.5))
         return BenchSettings()
 
     def validate(self) -> None:
+        """Raise UserError naming the flag (``--images`` ...) of a value the bench cannot run with."""
         if self.device not in ("cpu", "cuda"):
             raise UserError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -181,6 +185,8 @@ def measure(batches: Callable[[], object], step: Callable[[torch.Tensor, torch.T
 
 
 def build_model(settings: BenchSettings, device: torch.device) -> torch.nn.Module:
+    """The benchmarked network, seeded: the study's AlexNet (``models.AlexNet`` at the settings'
+    width and resolution) or torchvision's, on ``device`` (channels_last on CUDA)."""
     torch.manual_seed(settings.seed)
     if settings.model == "torchvision":
         from torchvision.models import alexnet
@@ -197,6 +203,8 @@ def build_model(settings: BenchSettings, device: torch.device) -> torch.nn.Modul
 
 
 def make_step(model: torch.nn.Module, device: torch.device, compile: bool, log: Callable[[str], None]):
+    """Pretraining's ``TrainStep`` for ``model``: SGD (lr 0.01, momentum 0.9, weight decay 5e-4),
+    bf16 autocast on CUDA, torch.compile when ``compile``."""
     from itl_ray.pretrain import TrainStep
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -207,9 +215,11 @@ def baseline_loader(root: Path, settings: BenchSettings, device: torch.device, w
     """The default pipeline: torchvision ImageFolder + PIL + transforms + DataLoader."""
     from torchvision import datasets, transforms
 
+    from itl_ray.images import MEAN, STD
+
     transform = transforms.Compose([
         transforms.RandomResizedCrop(settings.resolution), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        transforms.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
     ])
     dataset = datasets.ImageFolder(str(root / "train"), transform)
     return torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=workers,
@@ -235,7 +245,9 @@ def _gib(value: int) -> float:
 
 def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict:
     """Generate, prepare, time; returns the figures (what the JSON line holds)."""
-    from itl_ray import loader
+    from itl_ray.fast_loader import FastLoader, default_workers
+    from itl_ray.image_rows import ImageRows
+    from itl_ray.images import short_side_for
     from itl_ray.prepare import PrepareSettings, prepare
     from itl_ray.pretrain import threads_beside
     from itl_ray.shards import Prepared
@@ -247,9 +259,9 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         torch.backends.cudnn.benchmark = True  # as pretraining runs, for both pipelines
     cores = _cores()
     workers = settings.workers or cores
-    threads = settings.workers or loader.default_workers(device)
+    threads = settings.workers or default_workers(device)
     compile_project = settings.compile == "on" or (settings.compile == "auto" and device.type == "cuda")
-    short_sides = settings.short_sides or (loader.short_side_for(settings.resolution),)
+    short_sides = settings.short_sides or (short_side_for(settings.resolution),)
     shares = settings.cpu_decode_shares if device.type == "cuda" else (1.0,)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cores}-core CPU"
     model_text = ("torchvision AlexNet" if settings.model == "torchvision"
@@ -316,16 +328,15 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
             repeat = max(1, math.ceil(20 * settings.batch_size / len(rows)))
             count = len(rows) * repeat // settings.batch_size * settings.batch_size
             tiled = np.tile(rows, repeat)[:count]
-            images = loader.ImageRows(data, tiled, [labels[label_column[row]] for row in tiled])
+            images = ImageRows(data, tiled, [labels[label_column[row]] for row in tiled])
             for share in shares:
                 if variants and settings.max_seconds and (
                         time.perf_counter() - begun + settings.seconds + 5 > settings.max_seconds):
                     log(f"bench: --max-seconds {settings.max_seconds:g} reached; skipping the remaining project runs")
                     break
-                fast = loader.FastLoader(images, settings.resolution, settings.batch_size, device,
-                                         augment="random_resized_crop", workers=threads, prefetch=settings.prefetch,
-                                         cache_gib=0, cpu_decode_share=share, channels_last=device.type == "cuda",
-                                         log=log)
+                fast = FastLoader(images, settings.resolution, settings.batch_size, device,
+                                  augment="random_resized_crop", workers=threads, prefetch=settings.prefetch,
+                                  cache_gib=0, cpu_decode_share=share, channels_last=device.type == "cuda", log=log)
                 generator = torch.Generator().manual_seed(settings.seed)
                 with fast, threads_beside(fast) as training_threads:
                     if loader_only is None:

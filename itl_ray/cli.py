@@ -13,6 +13,7 @@ from itl_ray.errors import UserError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The ``itl-ray`` parser with its subcommands (contract: command line in the design)."""
     parser = argparse.ArgumentParser(prog="itl-ray", description="What makes ImageNet good for transfer learning?")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def command_sweep(args) -> int:
+    """``itl-ray sweep``: a dry run, or the sweep and its results table; 1 when a trial failed."""
     from itl_ray.config import load_spec, parse_overrides
     from itl_ray.sweep import dry_run, results_table, run_sweep
 
@@ -115,9 +117,12 @@ def command_sweep(args) -> int:
 
 
 def command_trial(args) -> int:
+    """``itl-ray trial``: one trial of the spec (numbered as ``--dry-run`` lists them) in this
+    process, tracked in MLflow unless ``--no-track``; prints the headline metrics."""
     from itl_ray.config import load_spec, override, parse_overrides, trial_id
     from itl_ray.sweep import ordered_trials
-    from itl_ray.trial import FINAL_METRICS, run_trial
+    from itl_ray.metrics import FINAL_METRICS
+    from itl_ray.trial import run_trial
 
     trials = ordered_trials(load_spec(args.spec))
     if not 0 <= args.index < len(trials):
@@ -145,6 +150,7 @@ def command_trial(args) -> int:
 
 
 def command_synth(args) -> int:
+    """``itl-ray synth``: write the mini-benchmark, with progress."""
     from itl_ray.datasets.synthetic import synthesize
 
     started = time.time()
@@ -158,6 +164,7 @@ def command_synth(args) -> int:
 
 
 def command_prepare(args) -> int:
+    """``itl-ray prepare``: validate a dataset and write its shards, with progress on stderr."""
     from itl_ray.prepare import DEFAULT_SHORT_SIDE, PrepareSettings, prepare
     from itl_ray.shards import KINDS
 
@@ -178,6 +185,7 @@ def command_prepare(args) -> int:
 
 
 def command_report(args) -> int:
+    """``itl-ray report``: the study's tables and plots from MLflow."""
     from itl_ray.report import report
 
     page = report(args.experiment, args.out, resamples=args.resamples, log_to_mlflow=not args.no_log)
@@ -186,7 +194,8 @@ def command_report(args) -> int:
 
 
 def command_labels(args) -> int:
-    from itl_ray.wordnet import write_label_set
+    """``itl-ray labels``: a label set as TSV (``label_sets.write_label_set``)."""
+    from itl_ray.label_sets import write_label_set
 
     write_label_set(args.name, args.classes, args.out)
     return 0
@@ -200,6 +209,8 @@ def _numbers(text: str, kind, option: str) -> tuple:
 
 
 def command_bench(args) -> int:
+    """``itl-ray bench``: the input pipeline + training step against the torchvision baseline;
+    the last line printed is JSON."""
     import dataclasses
     import json
 
@@ -233,6 +244,8 @@ COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_syn
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code: 0, 2 for a UserError (one line on stderr, the
+    traceback only with ``--debug``), 130 when interrupted."""
     args = get_args_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itl_ray.datasets.synthetic import prepared_paths
 from itl_ray.errors import UserError
 from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
+from itl_ray.models import MIN_RESOLUTION
 from itl_ray.pretrain import PretrainConfig
+from itl_ray.shards import prepared_paths
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig
 from itl_ray.transfer.scene import SceneConfig
@@ -43,10 +44,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """AlexNet size. The study: width 1.0 at 227 px; the mini-benchmark runs a narrow, small one."""
+    """AlexNet size (``itl_ray.models.AlexNet``). The study: width 1.0 at 227 px (Caffe's
+    bvlc_alexnet); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
 
     width: float = 1.0  # channel multiplier of every layer
     resolution: int = 227  # square input side for pretraining and classification transfer (px)
+
+    def validate(self, path: str) -> None:
+        """UserError naming the key for a width <= 0 or a resolution AlexNet cannot take."""
+        prefix = f"{path}." if path else ""
+        if not self.width > 0:
+            raise UserError(f"{prefix}width must be > 0 (1.0 is the study's AlexNet), got {self.width}")
+        if self.resolution < MIN_RESOLUTION:
+            raise UserError(f"{prefix}resolution must be >= {MIN_RESOLUTION} px (AlexNet's pool5 needs a cell), "
+                            f"got {self.resolution}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,9 @@ class TrialConfig:
 
 @dataclass(frozen=True)
 class Resources:
+    """What Ray Tune reserves for each trial (``tune.with_resources``); the trial also sets torch's
+    CPU threads to ``cpus_per_trial`` when ``threads`` is 0."""
+
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractions let small trials share a GPU
 
@@ -254,7 +268,9 @@ def _convert(value: Any, kind: Any, path: str) -> Any:
 
 
 def from_dict(cls, data: dict, path: str = ""):
-    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types name their key path."""
+    """Build dataclass ``cls`` from a mapping (missing keys keep their defaults) and run its
+    ``validate(path)`` when it has one. Raises UserError naming the key path (``pretrain.epochs``)
+    for an unknown key, a wrong type or a value ``validate`` refuses."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -273,7 +289,8 @@ def from_dict(cls, data: dict, path: str = ""):
 
 
 def to_dict(instance) -> dict:
-    """A plain, JSON-ready mapping of a config dataclass."""
+    """A plain, JSON-ready mapping of a config dataclass (nested sections as dicts, tuples as
+    lists): what ``from_dict`` reads back and what a trial saves beside its results."""
     return json.loads(json.dumps(dataclasses.asdict(instance)))
 
 
@@ -290,7 +307,8 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested mapping, creating sections as needed."""
+    """Set ``a.b.c`` in a nested mapping, creating sections as needed; UserError when a part of
+    the path is a value, not a section."""
     *parents, last = dotted.split(".")
     node = mapping
     for part in parents:
@@ -312,13 +330,15 @@ def _apply(base: dict, overrides: dict, where: str) -> TrialConfig:
 
 
 def override(config: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
-    """A trial config with ``--set`` overrides applied (relative data paths made absolute)."""
+    """A trial config with ``--set`` overrides applied (relative data paths made absolute);
+    UserError, prefixed ``--set:``, naming a bad key or value."""
     updated = _apply(to_dict(config), overrides, "--set")
     return dataclasses.replace(updated, data=_absolute_paths(updated.data))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}``; values are read as YAML scalars."""
+    """``["a.b=3", "c=x"]`` -> ``{"a.b": 3, "c": "x"}``; values are read as YAML (``[1, 2]`` is a
+    list, ``null`` None). UserError for a pair without ``=`` or without a key."""
     import yaml
 
     overrides = {}
@@ -331,8 +351,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
-    """Read and validate a sweep spec file; relative data paths become absolute (trials run
-    in other working directories)."""
+    """Read and validate a sweep spec file, with ``overrides`` (from ``parse_overrides``) applied
+    first; ``grid.<dotted key>`` overrides set a grid axis. Relative data paths become absolute
+    (trials run in other working directories). Every grid point and extra trial is built and
+    validated here, so a bad one fails before Ray starts: UserError naming the file, the line of
+    a YAML error, or the key path (``grid: ...``, ``extra_trials[0]: ...``)."""
     import yaml
 
     spec_path = Path(path)
@@ -382,13 +405,16 @@ def _absolute_paths(data: DataConfig) -> DataConfig:
 
 
 def trial_id(config: TrialConfig) -> str:
-    """A short stable id of a trial config (identity of its MLflow run and checkpoint folder)."""
+    """A stable id of a trial config, 12 hex digits of the sha256 of its key-sorted JSON: the
+    identity of its MLflow run (tag ``itl.trial_id``) and of its working folder. Every setting
+    counts, data paths included."""
     text = json.dumps(to_dict(config), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def trial_name(config: TrialConfig, varying: list[str]) -> str:
-    """A readable name from the keys a sweep varies, e.g. ``num_classes=10,images_per_class=40``."""
+    """A readable name from the dotted keys a sweep varies (their last part and value), e.g.
+    ``num_classes=10,images_per_class=40``; ``trial`` when nothing varies."""
     flat = flatten(to_dict(config))
     parts = [f"{key.rsplit('.', 1)[-1]}={flat[key]}" for key in varying if key in flat]
     return ",".join(parts) or "trial"

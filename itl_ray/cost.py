@@ -184,9 +184,9 @@ def _drawn_from(label_set: str, classes: tuple[str, ...]) -> tuple[str, ...]:
     ones for sets that leave classes out (pascal_removed, split halves)."""
     if label_set in ("fine", "parent") or label_set.startswith(("up_down_", "down_up_")):
         return classes
-    from itl_ray import wordnet
+    from itl_ray import label_sets
 
-    return tuple(sorted(wordnet.label_set(label_set, classes)))
+    return tuple(sorted(label_sets.label_set(label_set, classes)))
 
 
 @dataclass(frozen=True)

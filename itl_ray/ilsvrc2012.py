@@ -133,4 +133,5 @@ OFFSETS = (
 
 
 def wnids() -> list[str]:
+    """The 1000 class wnids (``n01440764`` ...), sorted; a new list on each call."""
     return [f"n{offset:08d}" for offset in OFFSETS]

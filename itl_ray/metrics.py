@@ -1,4 +1,5 @@
-"""The transfer tasks' metrics: PASCAL VOC average precision, mean AP, accuracy.
+"""The transfer tasks' metrics: PASCAL VOC average precision, mean AP, accuracy, box IoU, and the
+names of a trial's headline metrics (``FINAL_METRICS``).
 
 Every function returns a fraction in 0..1 (or NaN where the metric is undefined, see each
 docstring); callers multiply by 100 to report percent, as the study does.
@@ -24,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torchvision
 
 # A box in VOC pixel coordinates: (xmin, ymin, xmax, ymax), both corners inclusive.
 Box = tuple[float, float, float, float]
@@ -31,6 +33,11 @@ Box = tuple[float, float, float, float]
 Detection = tuple[str, float, Box]
 # A ground-truth object of that class: (box, difficult).
 GroundTruthObject = tuple[Box, bool]
+
+# The headline metrics of a trial, in percent: ImageNet top-1 of the pretrained network on its own
+# label set, VOC 2007 detection mAP, VOC 2012 action mAP, SUN397 scene accuracy (the study's four
+# numbers; names in DESIGN.md's MLflow contract).
+FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
 
 # The eleven recall levels of the VOC 2007 metric, as exact fractions (see the module docstring).
 ELEVEN_RECALL_LEVELS = tuple(level / 10 for level in range(11))
@@ -127,18 +134,15 @@ def average_precision(scores, labels, *, eleven_point: bool, ignore=None) -> flo
     return _ap_from_ranking(is_true, is_false, int(is_true.sum()), eleven_point)
 
 
-def box_iou_voc(box: Box, others: np.ndarray) -> np.ndarray:
-    """IoU of one box with each row of ``others`` (Nx4) in VOC's pixel convention: corners are
-    inclusive, so a box from x1 to x2 is x2 - x1 + 1 pixels wide. Disjoint boxes give 0."""
-    others = np.asarray(others, dtype=np.float64).reshape(-1, 4)
-    inter_width = np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]) + 1
-    inter_height = np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]) + 1
-    overlapping = (inter_width > 0) & (inter_height > 0)
-    intersection = np.where(overlapping, inter_width * inter_height, 0.0)
-    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
-    other_areas = (others[:, 2] - others[:, 0] + 1) * (others[:, 3] - others[:, 1] + 1)
-    union = area + other_areas - intersection
-    return np.where(overlapping, intersection / np.where(overlapping, union, 1.0), 0.0)
+def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """IoU matrix (N x M, the dtype of the boxes) of boxes N x 4 and M x 4, each (x1, y1, x2, y2)
+    with both corners inclusive: VOC's pixel convention, where a box from x1 to x2 is x2 - x1 + 1
+    pixels wide (the devkit's VOCevaldet computes overlaps this way). Disjoint boxes give 0.
+
+    ``torchvision.ops.box_iou`` measures a box as x2 - x1; the boxes are passed to it with one
+    pixel added to x2 and y2."""
+    extent = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return torchvision.ops.box_iou(boxes + extent, others + extent.to(others.dtype))
 
 
 def detection_ap(
@@ -177,7 +181,7 @@ def detection_ap(
         if boxes is None or len(boxes) == 0:
             is_false[rank] = True
             continue
-        overlaps = box_iou_voc(box, boxes)
+        overlaps = box_iou(torch.tensor([box], dtype=torch.float64), torch.from_numpy(boxes))[0].numpy()
         best = int(np.argmax(overlaps))
         if overlaps[best] < iou_threshold:
             is_false[rank] = True
@@ -198,25 +202,28 @@ def mean_ap(aps: Iterable[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
-def accuracy(predictions, labels) -> float:
-    """Fraction of predictions (class indices) equal to the labels."""
+def _predictions_and_labels(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices as two int64 arrays of one non-zero length (ValueError otherwise)."""
     predictions = _array(predictions, np.int64)
     labels = _array(labels, np.int64)
     if predictions.shape != labels.shape:
         raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
     if labels.size == 0:
         raise ValueError("accuracy of no examples is undefined")
+    return predictions, labels
+
+
+def accuracy(predictions, labels) -> float:
+    """Fraction of predictions (class indices) equal to the labels. ValueError for different
+    lengths or no examples."""
+    predictions, labels = _predictions_and_labels(predictions, labels)
     return float((predictions == labels).mean())
 
 
 def mean_per_class_accuracy(predictions, labels) -> float:
     """Mean over the classes present in ``labels`` of the fraction of that class predicted
-    right (balanced accuracy): every class weighs the same however many examples it has."""
-    predictions = _array(predictions, np.int64)
-    labels = _array(labels, np.int64)
-    if predictions.shape != labels.shape:
-        raise ValueError(f"{predictions.size} predictions but {labels.size} labels")
-    if labels.size == 0:
-        raise ValueError("accuracy of no examples is undefined")
+    right (balanced accuracy): every class weighs the same however many examples it has.
+    ValueError for different lengths or no examples."""
+    predictions, labels = _predictions_and_labels(predictions, labels)
     per_class = [float((predictions[labels == label] == label).mean()) for label in np.unique(labels)]
     return sum(per_class) / len(per_class)

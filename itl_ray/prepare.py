@@ -31,8 +31,9 @@ import pyarrow.parquet as pq
 
 from itl_ray.datasets import Root
 from itl_ray.errors import UserError
+from itl_ray.files import atomic_path, write_json
 from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, REPORT, SHARDS, read_shard, shard_path,
-                            shard_skipped, write_json, write_shard)
+                            shard_skipped, write_shard)
 
 # Stored shorter side per kind: ImageNet and SUN397 are trained on 224-227 px crops of 256 px images;
 # VOC images (at most 500 px) are kept at their size for detection and person crops.
@@ -43,11 +44,15 @@ VOC2012_SPLITS = ("train", "val", "trainval")  # train and val are required
 
 @dataclass(frozen=True)
 class PrepareSettings:
+    """How ``itl-ray prepare`` stores images (part of the prepared folder's identity)."""
+
     short_side: int  # px; 0 keeps every image's size
     quality: int = 90  # JPEG quality of the stored images
     shard_size: int = 1000  # plan items per shard
 
     def validate(self) -> None:
+        """Raise UserError naming the flag (``--short-side``, ``--quality``, ``--shard-size``) of a bad
+        value."""
         if self.short_side < 0:
             raise UserError(f"--short-side must be 0 (keep sizes) or a positive number of pixels, got {self.short_side}")
         if not 1 <= self.quality <= 100:
@@ -265,9 +270,8 @@ def _finish(out: Path, items: list[Item], shard_count: int, identity: dict) -> d
             for name in ("width", "height", "source_width", "source_height", "sha256"):
                 columns[name].append(stored[name][offset])
     manifest = pa.table(columns)
-    temporary = out / f".{MANIFEST}.tmp"
-    pq.write_table(manifest, temporary)
-    os.replace(temporary, out / MANIFEST)
+    with atomic_path(out / MANIFEST) as temporary:
+        pq.write_table(manifest, temporary)
 
     per_split: dict[str, Counter] = {}
     for splits, label in zip(columns["split"], columns["label"]):

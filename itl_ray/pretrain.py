@@ -1,12 +1,11 @@
 """Pretraining AlexNet on an ImageNet subset: plain SGD loop, a checkpoint every epoch, resumable.
 
-Defaults follow Caffe's reference AlexNet recipe, which the study used (the exact schedule for
-the smaller subsets is not given in its text, so it is an assumption here): SGD with momentum 0.9,
-weight decay 5e-4, batch 256, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs, random
-crops and flips. The number of epochs is the same for every subset size (smaller subsets get fewer
-iterations).
+Defaults follow the AlexNet recipe of the study's time (the study does not give its schedule, so
+it is an assumption here; sources in ``PretrainConfig``): SGD with momentum 0.9, weight decay 5e-4,
+batch 256, learning rate 0.01 divided by 10 every 30 epochs, 90 epochs, random crops and flips. The
+number of epochs is the same for every subset size (smaller subsets get fewer iterations).
 
-Speed (see itl_ray/loader.py and ``itl-ray bench``): images come from the prepared shards through
+Speed (see itl_ray/fast_loader.py and ``itl-ray bench``): images come from the prepared shards through
 the fast input pipeline by default (decoded on the GPU or by CPU threads, crops batched, prefetched
 while the previous step trains); on CUDA the step runs under bf16 autocast with channels_last
 memory and torch.compile. Resuming is exact on a CPU: the checkpoint holds the model, optimizer,
@@ -16,7 +15,6 @@ scheduler, the crop generator, torch's global generator (dropout) and the epoch.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +23,13 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from itl_ray import loader
+from itl_ray.crop_plans import AUGMENTATIONS
 from itl_ray.errors import UserError
-from itl_ray.loader import ImageRows
+from itl_ray.fast_loader import FastLoader, default_workers
+from itl_ray.files import atomic_path
+from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
+from itl_ray.torchvision_loader import TorchvisionLoader
 
 PIPELINES = ("fast", "torchvision")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -37,9 +38,22 @@ SWITCHES = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """The ``pretrain`` section of a trial: which ImageNet images and labels, the SGD schedule, and
+    how images reach the model.
+
+    The schedule's defaults are an **assumption** (the study does not give its schedule): the usual
+    AlexNet recipe of its time. Caffe's models/bvlc_alexnet/solver.prototxt: SGD, base_lr 0.01,
+    momentum 0.9, weight_decay 0.0005, gamma 0.1, 450k iterations of batch 256 (train_val.prototxt),
+    about 90 epochs of ILSVRC-2012; the drop every 30 epochs is torchvision's references/
+    classification recipe for AlexNet (Caffe drops every 100k iterations, about 20 epochs). Every
+    subset trains the same number of epochs, so smaller subsets take fewer iterations. The input
+    settings (pipeline ... compile) change speed, not what is learnt.
+
+    ``validate(path)`` raises UserError naming ``path.<field>`` for a value out of range."""
+
     num_classes: int | None = None  # ImageNet classes drawn (nested, seeded); null: all of them
     images_per_class: int = 1300  # per class (nested, seeded); 0: no pretraining, random init
-    label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see wordnet.py)
+    label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see label_sets.py)
     shortfall: str = "take_all"  # a class with fewer images: take_all (recorded) or error
     epochs: int = 90
     batch_size: int = 256  # images per SGD step
@@ -49,7 +63,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     # How images reach the model. These settings change speed, not what is learnt: the same seed
     # gives the same order, crops and flips with any pipeline, device or thread count.
-    # Input pipeline: fast (loader.FastLoader: decoded once into a cache, or every epoch by CPU
+    # Input pipeline: fast (fast_loader.FastLoader: decoded once into a cache, or every epoch by CPU
     # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
     # DataLoader processes, the plain way, kept for comparison).
     pipeline: str = "fast"
@@ -73,6 +87,8 @@ class PretrainConfig:
     compile: str = "auto"
 
     def validate(self, path: str) -> None:
+        """Raise UserError naming ``path.<field>`` (``<field>`` when ``path`` is empty) for a value
+        the loop cannot run with."""
         prefix = f"{path}." if path else ""
         if self.images_per_class < 0:
             raise UserError(f"{prefix}images_per_class must be >= 0 (0 means no pretraining)")
@@ -83,7 +99,7 @@ class PretrainConfig:
         for key in ("epochs", "batch_size", "lr_drop_every", "prefetch"):
             if getattr(self, key) < 1:
                 raise UserError(f"{prefix}{key} must be >= 1")
-        for key, allowed in (("pipeline", PIPELINES), ("augment", loader.AUGMENTATIONS), ("precision", PRECISIONS),
+        for key, allowed in (("pipeline", PIPELINES), ("augment", AUGMENTATIONS), ("precision", PRECISIONS),
                              ("channels_last", SWITCHES), ("compile", SWITCHES)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -95,17 +111,14 @@ class PretrainConfig:
             raise UserError(f"{prefix}cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
 
 
-def resize_for(resolution: int) -> int:
-    """Stored short side for random crops of ``resolution`` (256 for 224: ImageNet's usual ratio)."""
-    return loader.short_side_for(resolution)
-
-
 def switched(value: str, device: torch.device) -> bool:
     """An auto/on/off setting: auto means on for CUDA."""
     return device.type == "cuda" if value == "auto" else value == "on"
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` setting: bfloat16 for bf16, and for auto on CUDA; None
+    (fp32, no autocast) otherwise."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -117,16 +130,24 @@ def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, devi
     common = dict(augment=config.augment, train=train, prefetch=config.prefetch,
                   channels_last=switched(config.channels_last, device), log=log)
     if config.pipeline == "torchvision":
-        return loader.TorchvisionLoader(images, resolution, config.batch_size, device,
-                                        workers=config.workers or loader.default_workers(device), **common)
-    return loader.FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
-                             cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
+        return TorchvisionLoader(images, resolution, config.batch_size, device,
+                                 workers=config.workers or default_workers(device), **common)
+    return FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
+                      cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
 
 
 class TrainStep:
-    """One SGD step on a batch: autocast when asked (bf16), the model torch.compile'd when asked
-    (eager again, with a log line, if compiling fails). Returns the loss, detached, on the device
-    (no host sync, so the loader and the GPU keep running ahead)."""
+    """One SGD step on a batch (images float Nx3xRxR on ``device``, labels int64 N): cross-entropy,
+    backward, optimizer step, under bf16 autocast when ``dtype`` is given, with the model
+    torch.compile'd when ``compile``. Returns the loss (a 0-d tensor, detached, on the device: no
+    host sync, so the loader and the GPU keep running ahead).
+
+    A compiled step that raises is run again eagerly. If the eager step raises too, the error is
+    the model's or the batch's (a shape mismatch, a label out of range, memory) and goes to the
+    caller as it is; if it succeeds, the compiler failed (a missing C++ compiler, an unsupported
+    op, a failed recompile): a log line names the error and later steps run eagerly. Telling them
+    apart by type would not do: dynamo reports a model's own error met while tracing as
+    ``torch._dynamo.exc.TorchRuntimeError``, and inductor's compiler failures are RuntimeErrors."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  dtype: torch.dtype | None = None, compile: bool = False, log: Callable[[str], None] = print):
@@ -134,6 +155,7 @@ class TrainStep:
         self.compiled = torch.compile(model, dynamic=False) if compile else None
 
     def autocast(self):
+        """bf16 autocast on the step's device when ``dtype`` is set, else nothing."""
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
@@ -147,14 +169,17 @@ class TrainStep:
         return loss.detach()
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self._step(self.compiled, images, labels)
-            except Exception as error:  # any compiler failure, in forward or backward: train eagerly
-                first_line = str(error).splitlines()[0][:160] if str(error) else ""
-                self.log(f"pretrain: torch.compile failed ({type(error).__name__}: {first_line}); training eagerly")
-                self.compiled = None
-        return self._step(self.model, images, labels)
+        if self.compiled is None:
+            return self._step(self.model, images, labels)
+        try:
+            return self._step(self.compiled, images, labels)
+        except Exception as error:  # the compiler's failure or the model's? The eager step tells.
+            compiled_error = error
+        loss = self._step(self.model, images, labels)  # raises the model's own error as it is
+        first_line = str(compiled_error).splitlines()[0][:160] if str(compiled_error) else ""
+        self.log(f"pretrain: torch.compile failed ({type(compiled_error).__name__}: {first_line}); training eagerly")
+        self.compiled = None
+        return loss
 
 
 @torch.no_grad()
@@ -192,10 +217,11 @@ def threads_beside(batches):
 
 
 def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` of ``state`` to ``path`` through ``files.atomic_path`` (its folder is made):
+    a kill mid-write leaves the previous checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def pretrain(

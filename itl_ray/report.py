@@ -368,16 +368,16 @@ def report(experiment: str | None = None, out: str | Path | None = None, resampl
     """Write the report of the latest sweep of ``experiment`` (default: the latest sweep in the
     store) into ``out`` (default ``itl_runs/report/<experiment>``); returns the HTML page's path."""
     from itl_ray import plots, report_page
-    from itl_ray.tracking import Store
+    from itl_ray.tracking import Reader
 
     started = time.perf_counter()
     if resamples < 0:
         raise UserError(f"--resamples must be 0 (no bootstrap) or more, got {resamples}")
-    store = Store()
+    store = Reader()
     sweep = store.latest_sweep(experiment)
     name = store.experiment_name(sweep.info.experiment_id)
     out = Path(out) if out else DEFAULT_OUT / name
-    runs = store.trial_runs(sweep.info.experiment_id, sweep.info.run_id)
+    runs = store.runs_frame(name, sweep.info.run_id)
     plan = store.plan(sweep.info.run_id)
     trials = trial_table(runs, default_experiment=study.as_experiment_name(name))
     if trials.empty:

@@ -17,7 +17,6 @@ memory-mapped shards.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from itl_ray.errors import UserError
+from itl_ray.files import atomic_path
 
 FORMAT_VERSION = 1
 KINDS = ("imagenet", "voc2007", "voc2012-action", "sun397")
@@ -43,25 +43,19 @@ SHARD_SCHEMA = pa.schema([
 
 
 def shard_path(folder: Path, index: int) -> Path:
+    """Path of shard ``index`` in the prepared folder ``folder``: ``shards/shard-NNNNN.arrow``."""
     return folder / SHARDS / f"shard-{index:05d}.arrow"
 
 
-def write_json(path: Path, value) -> None:
-    """Write JSON atomically (temporary file + rename)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(temporary, path)
-
-
 def write_shard(path: Path, columns: dict[str, list], skipped: list[dict]) -> None:
-    """One shard file, atomically; ``skipped`` (files that could not be used, and why) rides in
-    its schema metadata so a resumed preparation still reports them."""
+    """One shard file (Arrow IPC, SHARD_SCHEMA's columns, one list per column), written atomically
+    (``files.atomic_path``); ``skipped`` (files that could not be used, and why) rides in its schema
+    metadata so a resumed preparation still reports them."""
     schema = SHARD_SCHEMA.with_metadata({"skipped": json.dumps(skipped)})
     table = pa.table(columns, schema=schema)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_table(table)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
 
 
 def read_shard(path: Path) -> pa.Table:
@@ -70,6 +64,8 @@ def read_shard(path: Path) -> pa.Table:
 
 
 def shard_skipped(table: pa.Table) -> list[dict]:
+    """The source files its preparation skipped (``{"source", "reason"}`` each), from a shard's
+    schema metadata (see ``write_shard``)."""
     return json.loads((table.schema.metadata or {}).get(b"skipped", b"[]"))
 
 
@@ -104,6 +100,7 @@ class Prepared:
         return self.manifest.num_rows
 
     def column(self, name: str) -> list:
+        """Manifest column ``name`` as a Python list, one value per row (KeyError for no such column)."""
         return self.manifest.column(name).to_pylist()
 
     def rows_in(self, split: str) -> np.ndarray:
@@ -135,3 +132,15 @@ class Prepared:
     def read(self, rows: Sequence[int]) -> list[bytes]:
         """The JPEG bytes of manifest ``rows``, in the order given."""
         return [view.tobytes() for view in self.views(rows)]
+
+
+# The `itl-ray prepare` kind that each of the config's ``data`` settings expects.
+PREPARE_KINDS = {"imagenet": "imagenet", "voc2007": "voc2007", "voc2012": "voc2012-action", "sun397": "sun397"}
+
+
+def prepared_paths(shards_dir: str | Path) -> dict[str, str]:
+    """Where the four prepared datasets lie under one folder of shards, keyed by the config's
+    ``data`` setting: ``{"imagenet": "<shards_dir>/imagenet", ..., "voc2012":
+    "<shards_dir>/voc2012-action", ...}`` (one sub-folder per ``itl-ray prepare`` kind, the layout
+    `make demo` writes). Pure path arithmetic: nothing is checked or created."""
+    return {setting: str(Path(shards_dir) / kind) for setting, kind in PREPARE_KINDS.items()}

@@ -30,13 +30,18 @@ def image_key(path: str) -> str:
 
 @dataclass(frozen=True)
 class Subset:
+    """One chosen subset of the candidate images (see ``select``)."""
+
     classes: tuple[str, ...]  # the chosen wnids, in rank order
     indices: tuple[int, ...]  # chosen images as positions in the candidate list, class by class
     shortfall: dict[str, int]  # classes that had fewer images than asked: wnid -> missing count
-    subset_hash: str  # identifies the image list (content, not location)
+    subset_hash: str  # 16 hex digits of the sha256 of the chosen image names, in order (content, not location)
 
 
 def choose_classes(all_classes: Sequence[str], num_classes: int | None, seed: int) -> tuple[str, ...]:
+    """The first ``num_classes`` of ``all_classes`` (all when None) in the seed's hash order, so
+    fewer classes are a prefix of more. Raises UserError when ``num_classes`` is not between 1
+    and the number of classes."""
     if num_classes is None:
         num_classes = len(all_classes)
     if not 1 <= num_classes <= len(all_classes):
@@ -51,7 +56,11 @@ def select(labels: Sequence[str], keys: Sequence[str], num_classes: int | None, 
            shortfall_policy: str = "take_all", allowed: set[str] | None = None) -> Subset:
     """The nested subset of the candidate images (``labels[i]`` the wnid and ``keys[i]`` the name,
     see ``image_key``, of image i). ``allowed`` limits the classes drawn from (a label set that
-    leaves classes out, like pascal_removed)."""
+    leaves classes out, like pascal_removed). ``shortfall_policy``: ``take_all`` or ``error``
+    (module docstring). Raises UserError for an impossible ``num_classes``, for
+    ``images_per_class`` above what every chosen class holds, and under ``error`` for the first
+    class with fewer images than asked. ``images_per_class=0`` chooses the classes and no image
+    (the random-initialisation control)."""
     by_class: dict[str, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(label, []).append(index)

@@ -32,7 +32,7 @@ from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
 from itl_ray.errors import UserError
-from itl_ray.trial import FINAL_METRICS
+from itl_ray.metrics import FINAL_METRICS
 
 REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
 CHECKPOINTED = ("epoch", "stage", "final")  # reports that carry the trial's folder as a checkpoint
@@ -42,10 +42,13 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:
+    """The dotted keys that differ between the sweep's trials (see ``SweepSpec.varying_keys``)."""
     return spec.varying_keys()
 
 
 def sweep_id(spec: SweepSpec) -> str:
+    """12 hex digits identifying the sweep's trial list (tag ``itl.sweep_id`` of its parent run):
+    ``--resume`` continues the latest sweep run with the same id."""
     text = json.dumps([to_dict(t) for t in spec.trials()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -149,6 +152,7 @@ def node_type_gpus(path: str = BOOTSTRAP_CONFIG) -> dict[str, float]:
 
 
 def alive_node_gpus() -> list[float]:
+    """GPUs of each node alive in the connected Ray cluster (``ray.nodes()``)."""
     import ray
 
     return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]

@@ -11,21 +11,22 @@ latest checkpoint (tag ``itl.checkpoint``: the trial's folder with ``backbone.pt
 Recording is idempotent: a metric at a step the run already holds is not logged again, so a trial
 that repeats a report after a retry, or a report log recorded twice, leaves one value per step.
 
-All writes go through ``MlflowClient`` with explicit run ids (no global "active run"), from one
-process: the sweep driver.
+All writes go through ``Tracker``: ``MlflowClient`` with explicit run ids (no global "active
+run"), from one process, the sweep driver. Reading goes through ``Reader``, which never writes: it
+opens no store that does not exist and creates no experiment or run, so ``itl-ray report`` on a
+wrong name or folder changes nothing. The tag names and role values below are the one home of
+these conventions; other modules import them.
 
 The sweep also tags each trial's run with the experiments of the study it belongs to
 (``itl.experiments``, and the param ``experiment``) and its point (``itl.point``, ``itl.point_id``:
-the trial without its seed), and keeps its plan on the parent run (``sweep_plan.json``). ``Store``
-is the reading side, for ``itl-ray report``: it opens a store only when it is there (never creates
-one, an experiment or a run), lists the experiments that have sweeps, returns a sweep's trial runs
-as one pandas frame, reads their artifacts, and logs the report's files on the parent run.
+the trial without its seed), and keeps its plan on the parent run (``sweep_plan.json``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
 import time
 import urllib.error
@@ -34,12 +35,14 @@ from pathlib import Path
 
 from itl_ray.errors import UserError
 
-DEFAULT_STORE = "itl_runs/mlflow.db"
-ROLE = "itl.role"
-TRIAL_ID = "itl.trial_id"
-SWEEP_ID = "itl.sweep_id"
-PARENT = "mlflow.parentRunId"
-CHECKPOINT = "itl.checkpoint"
+DEFAULT_STORE = "itl_runs/mlflow.db"  # relative to the working directory
+ROLE = "itl.role"  # tag: which kind of run, ROLE_SWEEP or ROLE_TRIAL
+ROLE_SWEEP = "sweep"  # the parent run of one sweep
+ROLE_TRIAL = "trial"  # the run of one trial, a child of its sweep's run
+TRIAL_ID = "itl.trial_id"  # tag: config.trial_id of the trial's config (12 hex digits)
+SWEEP_ID = "itl.sweep_id"  # tag on a sweep run: sweep.sweep_id of its trial list
+PARENT = "mlflow.parentRunId"  # MLflow's own tag: a trial run's sweep run
+CHECKPOINT = "itl.checkpoint"  # tag on a trial run: its latest checkpoint (path or URI)
 EXPERIMENTS = "itl.experiments"  # a trial's experiments of the study, comma-separated (also param `experiment`)
 POINT = "itl.point"  # the trial's point: its name without the seed (seeds repeat a point)
 POINT_ID = "itl.point_id"  # an id of the trial's config without its seed
@@ -47,12 +50,16 @@ PLAN = "sweep_plan.json"  # artifact of the parent run: every trial the sweep pl
 REPORT_FOLDER = "report"  # artifact folder of the parent run that `itl-ray report` fills
 
 
-def tracking_uri() -> str:
+def tracking_uri(create: bool = True) -> str:
+    """The tracking URI (contract: MLflow): ``MLFLOW_TRACKING_URI`` when set, else
+    ``sqlite:///<cwd>/itl_runs/mlflow.db`` (absolute). With ``create``, the ``itl_runs`` folder is
+    made so that a writer can open the store; a reader passes ``create=False``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     store = Path(DEFAULT_STORE).resolve()
-    store.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        store.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store}"
 
 
@@ -67,7 +74,8 @@ def artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, naming the URI, when an MLflow server does not answer."""
+    """Fail fast when an MLflow server does not answer its ``/health`` within ``timeout`` seconds:
+    a UserError naming the URI. Other URIs (sqlite, file) pass unchecked."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -80,7 +88,9 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class Tracker:
-    """The MLflow side of a sweep or a trial."""
+    """The MLflow side of a sweep or a trial: the experiment ``experiment`` (created when missing)
+    in the store at ``uri`` (default ``tracking_uri()``). Raises UserError when a server URI does
+    not answer. Run ids are MLflow's 32-hex-digit ids."""
 
     def __init__(self, experiment: str, uri: str | None = None):
         from mlflow.tracking import MlflowClient
@@ -101,17 +111,17 @@ class Tracker:
     def sweep_run(self, sweep_id: str, name: str, resume: bool) -> str:
         """The parent run: the latest one of this sweep when resuming, else a new one."""
         if resume:
-            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = 'sweep'")
+            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{ROLE_SWEEP}'")
             if found is None:
                 raise UserError(f"--resume: no earlier sweep {name!r} with this spec in {self.uri}; run it without --resume")
             self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: "sweep", SWEEP_ID: sweep_id})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: ROLE_SWEEP, SWEEP_ID: sweep_id})
         return run.info.run_id
 
     def trial_run(self, trial_id: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None) -> str:
         """The one run of this trial (under ``parent_run_id``): found again, or created (with ``tags``)."""
-        condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = 'trial'"
+        condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'"
         if parent_run_id:
             condition += f" and tags.`{PARENT}` = '{parent_run_id}'"
         found = self._find(condition)
@@ -119,7 +129,7 @@ class Tracker:
             if found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        tags = {**(tags or {}), ROLE: "trial", TRIAL_ID: trial_id}
+        tags = {**(tags or {}), ROLE: ROLE_TRIAL, TRIAL_ID: trial_id}
         if parent_run_id:
             tags[PARENT] = parent_run_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -156,6 +166,14 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch[start : start + 500])
         logged.update((metric.key, metric.step) for metric in batch)
 
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Upload every file under ``folder`` to the run's artifacts, under ``artifact_path``
+        (e.g. ``per_image``); a file already there is replaced. Raises FileNotFoundError when
+        ``folder`` is not a folder."""
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"no folder {folder} to log as artifacts")
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
     def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
         """One report of ``trial.run_trial``: "params", "epoch" metrics (step = epoch), a finished
         "stage"'s metrics or "final"."""
@@ -170,6 +188,8 @@ class Tracker:
         self.client.log_dict(run_id, plan, PLAN)
 
     def set_checkpoint(self, run_id: str, uri: str) -> None:
+        """Name the trial's latest checkpoint (a folder path or URI) on its run (tag ``itl.checkpoint``),
+        replacing the one named before."""
         self.client.set_tag(run_id, CHECKPOINT, uri)
 
     def trial_checkpoints(self, parent_run_id: str) -> dict[str, str]:
@@ -178,9 +198,11 @@ class Tracker:
                 if TRIAL_ID in run.data.tags and CHECKPOINT in run.data.tags}
 
     def finish(self, run_id: str, failed: bool = False) -> None:
+        """End the run as FINISHED, or FAILED; a later ``trial_run`` of the same trial reopens it."""
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
     def trial_runs(self, parent_run_id: str) -> list:
+        """The runs (``mlflow.entities.Run``) whose parent is ``parent_run_id``, at most 10,000."""
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_run_id}'", max_results=10000)
 
@@ -188,11 +210,6 @@ class Tracker:
 # ---------------------------------------------------------------------------------------------
 # Reading (the report): never creates an experiment, a run or a store
 # ---------------------------------------------------------------------------------------------
-
-def store_uri() -> str:
-    """The tracking URI as ``tracking_uri`` gives it, without creating the ``itl_runs`` folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_STORE).resolve()}"
-
 
 def _check_openable(uri: str) -> None:
     """Fail fast, naming ``uri``: a sqlite file that is not there (opening would create it), a
@@ -222,15 +239,21 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
-class Store:
-    """Read access to the tracking store for the report (and logging the report's files on the
-    parent run). Opening checks the store first and never creates one; asking for an experiment
-    that is not there lists those that are."""
+class Reader:
+    """Read-only access to the runs of a tracking store: the report's and analysis' side (and
+    logging the report's files on the parent run).
+
+    ``uri`` defaults to ``tracking_uri(create=False)``. Opening refuses, with a UserError naming
+    it, a sqlite store whose file does not exist (MLflow would create an empty one), a server that
+    does not answer (no minutes of retries) and a file that is not an MLflow store. Nothing here
+    creates a store, an experiment or a run; asking for an experiment that is not there lists those
+    that hold sweeps.
+    """
 
     def __init__(self, uri: str | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.uri = uri or store_uri()
+        self.uri = uri or tracking_uri(create=False)
         _check_openable(self.uri)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download otherwise
         try:
@@ -254,15 +277,18 @@ class Store:
     def _sweeps(self, experiment_ids: list[str], max_results: int = 1):
         if not experiment_ids:
             return []
-        return self.client.search_runs(experiment_ids, filter_string=f"tags.`{ROLE}` = 'sweep'",
+        return self.client.search_runs(experiment_ids, filter_string=f"tags.`{ROLE}` = '{ROLE_SWEEP}'",
                                        order_by=["attributes.start_time DESC"], max_results=max_results)
+
+    def _refresh(self, name: str) -> None:
+        """Read the experiments again when ``name`` is not among those read (a newer one)."""
+        if name not in self._experiments:
+            self._experiments = {e.name: e for e in self.client.search_experiments()}
 
     def latest_sweep(self, experiment: str | None = None):
         """The most recent sweep run of ``experiment`` (default: of any experiment). Raises
         UserError listing the experiments that have sweeps."""
-        if experiment is not None and experiment not in self._experiments:
-            raise UserError(f"no experiment {experiment!r} in {self.uri}; {self._listing()}")
-        ids = [self._experiments[experiment].experiment_id] if experiment else [
+        ids = [self.experiment_id(experiment)] if experiment is not None else [
             e.experiment_id for e in self._experiments.values()]
         found = self._sweeps(ids)
         if not found:
@@ -279,15 +305,45 @@ class Store:
     def experiment_name(self, experiment_id: str) -> str:
         return next(name for name, e in self._experiments.items() if e.experiment_id == experiment_id)
 
-    def trial_runs(self, experiment_id: str, parent_run_id: str):
-        """The sweep's trial runs as a pandas DataFrame (one ``mlflow.search_runs`` call): columns
-        ``run_id``, ``status``, ``params.*``, ``metrics.*``, ``tags.*`` as MLflow names them."""
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``; a UserError listing the experiments with sweeps when the
+        store has no such (active) experiment."""
+        self._refresh(name)
+        if name not in self._experiments:
+            raise UserError(f"no experiment {name!r} in {self.uri}; {self._listing()}")
+        return self._experiments[name].experiment_id
+
+    def experiment_of(self, run) -> str:
+        """The name of the experiment a run (``mlflow.entities.Run``) belongs to."""
+        return self.experiment_name(run.info.experiment_id)
+
+    def trial_runs(self, sweep_run_id: str) -> list:
+        """The trial runs (``mlflow.entities.Run``) of one sweep run, oldest first."""
+        experiment_id = self.client.get_run(sweep_run_id).info.experiment_id
+        return self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{ROLE}` = '{ROLE_TRIAL}' and tags.`{PARENT}` = '{sweep_run_id}'",
+            order_by=["attributes.start_time ASC"], max_results=50000)
+
+    def runs_frame(self, experiment: str, sweep_run_id: str | None = None, role: str = ROLE_TRIAL):
+        """One ``mlflow.search_runs`` call: a pandas DataFrame, one row per run of ``role`` in
+        ``experiment`` (only the children of ``sweep_run_id`` when given), oldest first, with
+        MLflow's columns ``run_id``, ``status``, ``start_time``, ``artifact_uri``, ``params.<name>``
+        (strings), ``metrics.<name>`` (floats, NaN where a run lacks one) and ``tags.<name>``."""
         import mlflow
 
+        condition = f"tags.`{ROLE}` = '{role}'"
+        if sweep_run_id:
+            condition += f" and tags.`{PARENT}` = '{sweep_run_id}'"
+        experiment_id = self.experiment_id(experiment)
+        # mlflow.search_runs reads the process-wide URI, and setting it also sets the environment
+        # variable; both go back as they were (None: unset, MLflow's default resolution).
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
-        return mlflow.search_runs(
-            experiment_ids=[experiment_id], max_results=100_000, output_format="pandas",
-            filter_string=f"tags.`{PARENT}` = '{parent_run_id}' and tags.`{ROLE}` = 'trial'")
+        try:
+            return mlflow.search_runs([experiment_id], filter_string=condition, max_results=100_000,
+                                      order_by=["attributes.start_time ASC"])
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def plan(self, parent_run_id: str) -> list[dict] | None:
         """The sweep's planned trials (``sweep_plan.json`` of its parent run), or None without one."""
@@ -301,10 +357,16 @@ class Store:
         """Paths of the files directly in a run's artifact ``folder`` ("" for the top)."""
         return [item.path for item in self.client.list_artifacts(run_id, folder or None) if not item.is_dir]
 
-    def download(self, run_id: str, path: str, destination: str | Path) -> Path:
-        """Download one artifact (file or folder) of a run into ``destination``; returns its local path."""
+    def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
+        """Copy the run's artifact ``artifact_path`` (a file or a folder, e.g. ``per_image``) into
+        ``destination`` (made if needed); returns the local path. A UserError names a run that has
+        no such artifact."""
+        wanted = artifact_path.strip("/")
+        listed = {entry.path for entry in self.client.list_artifacts(run_id, posixpath.dirname(wanted) or None)}
+        if wanted not in listed:
+            raise UserError(f"run {run_id} has no artifact {artifact_path!r}")
         Path(destination).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, path, str(destination)))
+        return Path(self.client.download_artifacts(run_id, wanted, str(destination)))
 
     def run_folder(self, artifact_uri: str, folder: str, destination: str | Path) -> Path | None:
         """A run's artifact ``folder`` (``artifact_uri``: the run's, as ``trial_runs`` lists it) as

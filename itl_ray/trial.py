@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +21,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from itl_ray import loader, subsets, wordnet
+from itl_ray import label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.voc import VocImage, VocObject
+from itl_ray.datasets.sun397 import scene_data
+from itl_ray.datasets.voc import voc_images
 from itl_ray.errors import UserError
+from itl_ray.files import atomic_path, write_json
+from itl_ray.image_rows import ImageRows
+from itl_ray.metrics import FINAL_METRICS
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, top1
 from itl_ray.shards import Prepared
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
-from itl_ray.transfer.scene import SceneData, evaluate_scene
-
-# The four headline metrics, in percent.
-FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
+from itl_ray.transfer.scene import evaluate_scene
 
 # report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
 # step = epoch), "stage" (a finished transfer stage's metrics) or "final" (all final metrics).
@@ -42,6 +42,8 @@ Report = Callable[[str, dict, int | None], None]
 
 
 def pick_device(name: str) -> torch.device:
+    """The torch device of the ``device`` setting: auto (CUDA when torch sees a GPU, else the CPU),
+    cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -59,20 +61,23 @@ class StageStore:
 
     @property
     def path(self) -> Path:
+        """``stages.json`` in the working folder."""
         return self.folder / "stages.json"
 
     def load(self) -> dict:
+        """{stage: its result} of the finished stages ({} before the first finishes)."""
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def save(self, stage: str, result: dict) -> None:
+        """Add (or replace) one stage's result, rewriting the file atomically (``files.write_json``)."""
         stages = self.load()
         stages[stage] = result
-        temporary = self.path.with_name("stages.json.tmp")
-        temporary.write_text(json.dumps(stages, indent=1, sort_keys=True))
-        os.replace(temporary, self.path)
+        write_json(self.path, stages)
 
 
 def label_set_hash(mapping: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over the label set's ``wnid<TAB>group`` lines in its order: two
+    trials share it exactly when they train on the same labels."""
     text = "\n".join(f"{wnid}\t{group}" for wnid, group in mapping.items())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -106,7 +111,7 @@ def read_inputs(config: TrialConfig) -> Inputs:
     sources = imagenet.column("source")
     # The label set belongs to the data's classes (up_down_127 is a grouping of all 1000); sets
     # that leave classes out (pascal_removed, split halves) limit what the subset draws from.
-    full_mapping = wordnet.label_set(pre.label_set, sorted(set(train_labels)))
+    full_mapping = label_sets.label_set(pre.label_set, sorted(set(train_labels)))
     subset = subsets.select(train_labels, [subsets.image_key(sources[row]) for row in train_rows],
                             pre.num_classes, pre.images_per_class, config.seed, pre.shortfall,
                             allowed=set(full_mapping))
@@ -124,39 +129,6 @@ def read_inputs(config: TrialConfig) -> Inputs:
     )
 
 
-def voc_images(data: Prepared, split: str) -> list[VocImage]:
-    """The images of a prepared VOC split with their objects and stored JPEG bytes; boxes are
-    scaled from the source image's pixels to the stored image's (1-based, as in the XML)."""
-    rows = data.rows_in(split)
-    columns = {name: data.column(name) for name in ("image_id", "objects", "width", "height", "source_width",
-                                                    "source_height")}
-    images = []
-    for row, jpeg in zip(rows, data.read(rows)):
-        width, height = columns["width"][row], columns["height"][row]
-        sx, sy = width / columns["source_width"][row], height / columns["source_height"][row]
-        objects = tuple(
-            VocObject(name, (round((x0 - 1) * sx) + 1, round((y0 - 1) * sy) + 1, round((x1 - 1) * sx) + 1,
-                             round((y1 - 1) * sy) + 1), bool(difficult), bool(truncated), tuple(actions))
-            for name, x0, y0, x1, y1, difficult, truncated, actions in json.loads(columns["objects"][row])
-        )
-        images.append(VocImage(columns["image_id"][row], f"row {row}", width, height, objects, jpeg))
-    return images
-
-
-def scene_data(data: Prepared, partition: int) -> SceneData:
-    """One official SUN397 partition (Training_NN / Testing_NN) from the prepared dataset."""
-    labels = data.column("label")
-    train, test = data.rows_in(f"Training_{partition:02d}"), data.rows_in(f"Testing_{partition:02d}")
-    if not len(train) or not len(test):
-        raise UserError(f"data.sun397 has no images in partition {partition} (Training_{partition:02d}.txt / "
-                        f"Testing_{partition:02d}.txt); use data.sun397_partition=1..10 as prepared")
-    return SceneData(
-        classes=tuple(sorted(set(labels))),
-        train_images=data.read(train), train_labels=[labels[row] for row in train],
-        test_images=data.read(test), test_labels=[labels[row] for row in test],
-    )
-
-
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
@@ -164,7 +136,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         torch.set_num_threads(config.threads)
     device = pick_device(config.device)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_dict(config), indent=1, sort_keys=True))
+    write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
     stages = store.load()
 
@@ -200,8 +172,8 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     else:
         log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
 
-        def images(rows: np.ndarray) -> loader.ImageRows:  # shard rows with their (label set's) class index
-            return loader.ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
+        def images(rows: np.ndarray) -> ImageRows:  # shard rows with their (label set's) class index
+            return ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
 
         if pre.images_per_class == 0:
             result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
@@ -211,7 +183,8 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
                 model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
                 workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
             )
-        torch.save(model.cpu().state_dict(), backbone_file)
+        with atomic_path(backbone_file) as temporary:
+            torch.save(model.cpu().state_dict(), temporary)
         store.save("pretrain", result)
         stages = store.load()
     model.to(device)

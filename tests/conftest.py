@@ -7,13 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from itl_ray.datasets.synthetic import PREPARE_KINDS, Sizes, dataset_paths, prepared_paths, synthesize
+from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
 from itl_ray.prepare import prepare
+from itl_ray.shards import PREPARE_KINDS, prepared_paths
 
 SMALL = Sizes(train_per_class=12, val_per_class=3, voc07_trainval=24, voc07_test=24,
               voc12_train=20, voc12_val=20, sun_per_scene=4)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+RELEASE = SHARED / "reference" / "wmigftl"  # the study's released label sets and class lists
+needs_release = pytest.mark.skipif(
+    not RELEASE.is_dir(),
+    reason=f"the study's released label sets are not at {RELEASE} (the shared folder beside the repository)",
+)
+
+
+def wnid(synset_name: str) -> str:
+    """The wnid of an nltk synset name (``dog.n.01`` -> ``n02084071``), so expectations read as words."""
+    from itl_ray import wordnet
+
+    return wordnet.wnid_of(wordnet.load().synset(synset_name))
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ def test_overrides_are_typed(tmp_path):
     ("transfer: {scene: {lr: x}}\n", "transfer.scene.lr: expected float"),
     ("grid: {pretrain.bogus: [1]}\n", "grid: unknown key 'pretrain.bogus'"),
     ("pretrain: {images_per_class: -1}\n", "pretrain.images_per_class must be >= 0"),
+    ("model: {resolution: 38}\n", "model.resolution must be >= 39 px"),
+    ("model: {width: 0}\n", "model.width must be > 0"),
     ("- a\n- b\n", "must hold a YAML mapping"),
     ("a: [1,\n", "is not valid YAML"),
 ])
@@ -132,3 +134,29 @@ def test_the_study_specs_load():
     assert mini.experiment_names() == paper.experiment_names()
     for name in ("images_per_class", "number_of_classes", "fixed_budget", "split", "pascal_removed", "induction"):
         assert load_spec(sweeps / f"{name}.yaml").experiment_names() == [name]
+    # 12 hex digits, the same in another process with another hash seed (it names MLflow runs).
+    import os
+    import re
+    import subprocess
+    import sys
+
+    code = "from itl_ray.config import TrialConfig, trial_id; print(trial_id(TrialConfig(seed=3)))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "7"}).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{12}", other) and other == trial_id(TrialConfig(seed=3))
+
+
+def test_the_config_does_not_import_the_data_generator():
+    """The config learns where prepared data lies from itl_ray.shards; the generator (and WordNet)
+    stay out of every process that only reads a spec."""
+    import ast
+    import subprocess
+    import sys
+
+    code = "import sys, itl_ray.config; print(sorted(m for m in sys.modules if m.startswith('itl_ray.')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = ast.literal_eval(done.stdout)
+    assert "itl_ray.shards" in loaded
+    assert "itl_ray.datasets.synthetic" not in loaded and "itl_ray.wordnet" not in loaded
+    assert TrialConfig().data.voc2012.endswith("data/mini-shards/voc2012-action")  # prepare's kind as folder
+

@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
+from itl_ray import label_sets, wordnet
 from itl_ray.datasets.imagenet import read_imagenet
 from itl_ray.datasets.sun397 import read_sun397
-from itl_ray.datasets.synthetic import MINI_CLASSES, SUN_SCENES, synthesize
+from itl_ray.datasets.synthetic import MINI_CLASSES, SUN_SCENES, instance_synsets, synthesize
 from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES, read_voc2007_detection, read_voc2012_actions
 from itl_ray.errors import UserError
 from tests.conftest import SMALL
@@ -84,3 +85,27 @@ def test_bad_layouts_are_named(tmp_path, mini):
     (sun / listed.lstrip("/")).unlink()
     with pytest.raises(UserError, match=f"Training_01.txt names {listed}"):
         read_sun397(sun, 1)
+
+
+def test_voc_objects_are_the_classes_pascal_removed_removes():
+    """The miniature PASCAL-removed experiment is the study's: a VOC object is drawn as one of
+    the mini ImageNet classes that pascal_removed takes out for its VOC class, never as a class
+    it keeps; a VOC class no mini class overlaps is drawn as its own synset (in no class)."""
+    drawn = instance_synsets()
+    overlap = label_sets.pascal_overlap(MINI_CLASSES)
+    removed = set(MINI_CLASSES) - set(label_sets.pascal_removed(MINI_CLASSES))
+    assert set(drawn) == set(VOC_CLASSES)
+    assert {w for synsets in drawn.values() for w in synsets if w in MINI_CLASSES} == removed
+    for voc_class, synsets in drawn.items():
+        assert synsets == (overlap[voc_class] or list(label_sets.PASCAL_VOC_SYNSETS[voc_class])), voc_class
+    assert len(removed) == 27
+    assert {voc: [wordnet.synset(w).name() for w in synsets] for voc, synsets in drawn.items()
+            if not set(synsets) <= removed} == {
+        "cow": ["cow.n.02"], "person": ["person.n.01"], "pottedplant": ["plant.n.02"], "train": ["train.n.01"],
+        "tvmonitor": ["monitor.n.05"],
+    }
+    kept = [wordnet.synset(w).name() for w in label_sets.pascal_removed(MINI_CLASSES)]
+    assert kept == ["ox.n.01", "container_ship.n.01", "electric_locomotive.n.01", "television.n.02", "pot.n.04",
+                    "cellular_telephone.n.01", "acoustic_guitar.n.01", "laptop.n.01", "reflex_camera.n.01",
+                    "running_shoe.n.01", "backpack.n.01", "basketball.n.02", "orange.n.01"]
+

@@ -1,23 +1,23 @@
-"""The devkit readers against MAT-files written here the way MATLAB writes meta.mat: chars as
-miUINT16, whole-number doubles stored as miUINT8/miUINT16 when they fit, small data elements, empty
-``children`` for leaves, and (in v7 files) each variable wrapped in miCOMPRESSED."""
+"""The devkit readers against MAT-files written by ``scipy.io.savemat`` in the shape of the real
+ILSVRC2012 devkit's meta.mat: a struct array ``synsets`` (N x 1) with the fields ILSVRC2012_ID,
+WNID, words, gloss, num_children, children, wordnet_height and num_train_images, numbers as
+doubles, ``children`` empty for the leaves, beside other variables."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import io
 
+import numpy as np
 import pytest
+import scipy.io
 
 from itl_ray.datasets.devkit import read_meta_synsets, read_val_ground_truth
 from itl_ray.errors import UserError
 
-INT8, UINT8, UINT16, INT32, UINT32, DOUBLE, MATRIX, COMPRESSED = 1, 2, 4, 5, 6, 9, 14, 15
-CELL_CLASS, STRUCT_CLASS, CHAR_CLASS, DOUBLE_CLASS = 1, 2, 4, 6
 FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
           "num_train_images")
 
-# An inner node sits between the leaves, and the root's image count needs miDOUBLE (over 65535).
+# An inner node sits between the leaves, as in the devkit (leaves 1..1000, inner nodes from 1001).
 SYNSETS = [
     dict(ILSVRC2012_ID=1, WNID="n02119789", words="kit fox, Vulpes macrotis", gloss="small grey fox",
          num_children=0, children=[], wordnet_height=0, num_train_images=1300),
@@ -33,107 +33,89 @@ SYNSETS = [
 LEAVES = {1: "n02119789", 2: "n02085620", 3: "n02086240"}
 
 
-def element(kind: int, payload: bytes, order: str) -> bytes:
-    """One data element: the small form for 1..4 bytes, else an 8-byte tag and data padded to 8."""
-    if 0 < len(payload) <= 4:
-        return struct.pack(order + "I", len(payload) << 16 | kind) + payload.ljust(4, b"\0")
-    return struct.pack(order + "II", kind, len(payload)) + payload + b"\0" * (-len(payload) % 8)
-
-
-def matrix(array_class: int, dims: tuple[int, ...], body: bytes, order: str, name: str = "") -> bytes:
-    head = (element(UINT32, struct.pack(order + "II", array_class, 0), order)
-            + element(INT32, struct.pack(f"{order}{len(dims)}i", *dims), order)
-            + element(INT8, name.encode(), order))
-    return element(MATRIX, head + body, order)
-
-
-def doubles(values: list[float], order: str) -> bytes:
-    """A double array in the smallest type MATLAB would store it in."""
-    if all(v == int(v) and 0 <= v < 256 for v in values):
-        kind, code = UINT8, "B"
-    elif all(v == int(v) and 0 <= v < 65536 for v in values):
-        kind, code = UINT16, "H"
-    else:
-        kind, code = DOUBLE, "d"
-    data = struct.pack(f"{order}{len(values)}{code}", *(v if code == "d" else int(v) for v in values))
-    dims = (1, len(values)) if values else (0, 0)
-    return matrix(DOUBLE_CLASS, dims, element(kind, data, order), order)
-
-
-def chars(text: str, order: str, name: str = "") -> bytes:
-    data = struct.pack(f"{order}{len(text)}H", *map(ord, text))
-    return matrix(CHAR_CLASS, (1, len(text)), element(UINT16, data, order), order, name)
-
-
-def synsets_struct(records: list[dict], order: str) -> bytes:
-    width = 32
-    body = (element(INT32, struct.pack(order + "i", width), order)
-            + element(INT8, b"".join(field.encode().ljust(width, b"\0") for field in FIELDS), order))
-    for record in records:
+def synsets_array(records: list[dict]) -> np.ndarray:
+    """A MATLAB struct array (N x 1) of ``records``: strings as char arrays, numbers as 1x1 doubles,
+    ``children`` as a 1xK double row (0x0 when empty), as the devkit stores them."""
+    array = np.empty((len(records), 1), dtype=[(field, object) for field in FIELDS])
+    for index, record in enumerate(records):
         for field in FIELDS:
             value = record[field]
             if isinstance(value, str):
-                body += chars(value, order)
+                array[index, 0][field] = value
+            elif isinstance(value, list):
+                array[index, 0][field] = (np.array(value, dtype=np.float64).reshape(1, -1) if value
+                                          else np.zeros((0, 0)))
             else:
-                body += doubles(value if isinstance(value, list) else [value], order)
-    return matrix(STRUCT_CLASS, (len(records), 1), body, order, "synsets")
+                array[index, 0][field] = np.array([[value]], dtype=np.float64)
+    return array
 
 
-def mat_file(variables: list[bytes], order: str = "<", compressed: bool = True) -> bytes:
-    text = b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2012"
-    header = text.ljust(116, b" ") + b"\0" * 8 + struct.pack(order + "H", 0x0100) + struct.pack(order + "H", 0x4D49)
-    if compressed:
-        variables = [struct.pack(order + "II", COMPRESSED, len(packed)) + packed
-                     for packed in (zlib.compress(variable) for variable in variables)]
-    return header + b"".join(variables)
-
-
-def meta_mat(order: str = "<", compressed: bool = True) -> bytes:
-    """A meta.mat with another variable before ``synsets``, which the reader must skip."""
-    return mat_file([chars("devkit 1.0", order, name="version"), synsets_struct(SYNSETS, order)], order, compressed)
+def meta_mat(records: list[dict] = SYNSETS, compressed: bool = True, **others) -> bytes:
+    """A meta.mat written by scipy.io.savemat (MAT level 5; ``compressed``: miCOMPRESSED, as MATLAB's
+    -v7), with another variable before ``synsets`` that the reader must skip."""
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, {"version": "devkit 1.0", **others, "synsets": synsets_array(records)},
+                     do_compression=compressed)
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["v6", "v7-compressed"])
-@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
-def test_meta_synsets_are_the_leaves(order, compressed):
-    data = meta_mat(order, compressed)
-    assert data[126:128] == (b"IM" if order == "<" else b"MI")
+def test_meta_synsets_are_the_leaves(compressed):
+    data = meta_mat(compressed=compressed)
+    assert data[126:128] == b"IM" and data.startswith(b"MATLAB 5.0 MAT-file")
     assert read_meta_synsets(data) == LEAVES
 
 
-def test_cells_and_multi_row_chars_are_skipped_with_their_variables():
-    cell = matrix(CELL_CLASS, (1, 2), chars("a", "<") + doubles([1.5], "<"), "<", name="notes")
-    rows = matrix(CHAR_CLASS, (2, 2), element(UINT16, struct.pack("<4H", *map(ord, "acbd")), "<"), "<", "grid")
-    assert read_meta_synsets(mat_file([cell, rows, synsets_struct(SYNSETS, "<")])) == LEAVES
+def test_one_leaf_and_other_variables():
+    cell = np.array([["a", 1.5]], dtype=object)
+    assert read_meta_synsets(meta_mat(SYNSETS[:1], notes=cell, grid=np.array(["ab", "cd"]))) == {1: "n02119789"}
+
+
+def mat_file(**variables) -> bytes:
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, variables)
+    return buffer.getvalue()
 
 
 def hdf5_header() -> bytes:
+    """The start of a MATLAB v7.3 file: the text header, version 0x0200, then HDF5 at byte 512."""
     text = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2012 HDF5 schema 1.00 ."
-    header = text.ljust(116, b" ") + b"\0" * 8 + struct.pack("<H", 0x0200) + b"IM"
+    header = text.ljust(116, b" ") + b"\0" * 8 + (0x0200).to_bytes(2, "little") + b"IM"
     return header.ljust(512, b"\0") + b"\x89HDF\r\n\x1a\n" + b"\0" * 64
 
 
+def v73_without_the_text() -> bytes:
+    """A header that announces version 0x0200 (v7.3) without saying so in its text."""
+    return hdf5_header()[:116].replace(b"7.3", b"7.x") + hdf5_header()[116:512]
+
+
 @pytest.mark.parametrize("data, message", [
-    (b"\x00\x01garbage" * 40, "not a MATLAB 5 MAT-file"),
-    (b"", "not a MATLAB 5 MAT-file"),
-    (meta_mat(compressed=True)[:700], "truncated"),
-    (meta_mat(compressed=False)[:700], "truncated"),
-    (hdf5_header(), "v7.3"),
-    (mat_file([chars("devkit 1.0", "<", name="version")]), "holds no variable 'synsets'"),
-], ids=["garbage", "empty", "truncated-compressed", "truncated", "hdf5", "no-synsets"])
+    (b"\x00\x01garbage" * 40, "not a readable MATLAB 5 MAT-file"),
+    (b"", "not a readable MATLAB 5 MAT-file"),
+    (meta_mat(compressed=True)[:300], "not a readable MATLAB 5 MAT-file"),
+    (meta_mat(compressed=False)[:700], "not a readable MATLAB 5 MAT-file"),
+    (hdf5_header(), "v7.3 \\(HDF5\\) MAT-file, which is not supported: re-save it with save -v7"),
+    (v73_without_the_text(), "v7.3 \\(HDF5\\) MAT-file, which is not supported: re-save it with save -v7"),
+    (mat_file(version="devkit 1.0"), "holds no variable 'synsets'"),
+], ids=["garbage", "empty", "truncated-compressed", "truncated", "hdf5", "v7.3-version", "no-synsets"])
 def test_bad_meta_files_raise_user_errors_naming_the_file(data, message):
     with pytest.raises(UserError, match=message) as raised:
         read_meta_synsets(data, "devkit/data/meta.mat")
-    assert "devkit/data/meta.mat" in str(raised.value) and "\n" not in str(raised.value)
+    assert str(raised.value).startswith("devkit/data/meta.mat") and "\n" not in str(raised.value)
 
 
 def test_synsets_without_leaves_or_fields_raise_user_errors():
-    inner_only = mat_file([synsets_struct([SYNSETS[1]], "<")])
     with pytest.raises(UserError, match="meta.mat: 'synsets' has no leaf entries"):
-        read_meta_synsets(inner_only)
-    not_struct = mat_file([chars("n02119789", "<", name="synsets")])
+        read_meta_synsets(meta_mat([SYNSETS[1]]))
     with pytest.raises(UserError, match="meta.mat: 'synsets' is not a struct array"):
-        read_meta_synsets(not_struct)
+        read_meta_synsets(mat_file(synsets="n02119789"))
+    two_fields = np.array([[(1.0, "n02119789")]], dtype=[("ILSVRC2012_ID", object), ("WNID", object)])
+    with pytest.raises(UserError, match=r"meta.mat: 'synsets' lacks the field\(s\) num_children"):
+        read_meta_synsets(mat_file(synsets=two_fields))
+    with pytest.raises(UserError, match="ILSVRC2012_ID 1 appears twice"):
+        read_meta_synsets(meta_mat([SYNSETS[0], dict(SYNSETS[2], ILSVRC2012_ID=1)]))
+    with pytest.raises(UserError, match=r"synsets\(2\) does not hold a whole-number ID"):
+        read_meta_synsets(meta_mat([SYNSETS[0], dict(SYNSETS[2], ILSVRC2012_ID=2.5)]))
 
 
 def test_val_ground_truth_lines():

@@ -10,7 +10,7 @@ import torch
 from itl_ray.metrics import (
     accuracy,
     average_precision,
-    box_iou_voc,
+    box_iou,
     detection_ap,
     mean_ap,
     mean_per_class_accuracy,
@@ -107,6 +107,11 @@ def test_ranking_rejects_other_labels():
 # Detection AP (the devkit's protocol)
 
 
+def box_iou_voc(box, others):
+    """IoU of one box with each of ``others``, as a numpy array (as ``detection_ap`` uses it)."""
+    return box_iou(torch.tensor([box], dtype=torch.float64), torch.tensor(others, dtype=torch.float64))[0].numpy()
+
+
 def test_box_iou_uses_inclusive_pixel_corners():
     # 10x10 pixels vs its top 10x5 pixels: 50 / 100 (without the +1 it would be 36 / 81).
     assert box_iou_voc((1, 1, 10, 10), [[1, 1, 10, 5]])[0] == pytest.approx(0.5)
@@ -114,6 +119,12 @@ def test_box_iou_uses_inclusive_pixel_corners():
     # Touching at one pixel column overlaps by 10 pixels; one pixel apart does not overlap.
     assert box_iou_voc((1, 1, 10, 10), [[10, 1, 19, 10]])[0] == pytest.approx(10 / 190)
     assert box_iou_voc((1, 1, 10, 10), [[11, 1, 20, 10]])[0] == 0.0
+
+
+def test_box_iou_matrix_uses_inclusive_pixel_corners():
+    boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0]])
+    others = torch.tensor([[0.0, 0.0, 9.0, 4.0], [10.0, 0.0, 19.0, 9.0], [0.0, 0.0, 9.0, 9.0]])
+    assert box_iou(boxes, others).tolist() == [[0.5, 0.0, 1.0]]
 
 
 def test_iou_exactly_at_the_threshold_is_a_match():

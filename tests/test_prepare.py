@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,13 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itl_ray import loader
 from itl_ray.datasets.sun397 import read_sun397
-from itl_ray.datasets.voc import read_voc2007_detection, read_voc2012_actions
+from itl_ray.datasets.voc import read_voc2007_detection, read_voc2012_actions, voc_images
 from itl_ray.errors import UserError
+from itl_ray.images import decode_rgb
 from itl_ray.prepare import PrepareSettings, prepare
 from itl_ray.shards import Prepared
-from itl_ray.trial import voc_images
 from tests.conftest import SMALL
 from tests.test_cli import assert_one_line_error, itl_ray
 
@@ -41,8 +39,8 @@ def test_imagenet_manifest_counts_labels_and_checksums(mini_paths, raw_paths):
         assert sources[row].split("/")[1] == labels[row]  # train/<wnid>/file or val/<wnid>/file
         source_bytes = (Path(raw_paths["imagenet"]) / sources[row]).read_bytes()
         assert sums[row] == hashlib.sha256(source_bytes).hexdigest()
-        stored = loader.decode_rgb(data.read([row])[0], sources[row])
-        original = loader.decode_rgb(source_bytes, sources[row])
+        stored = decode_rgb(data.read([row])[0], sources[row])
+        original = decode_rgb(source_bytes, sources[row])
         assert stored.shape == original.shape  # mini images are below 256 px: kept at their size
         assert (stored.float() - original.float()).abs().mean() < 6  # re-encoded at quality 90
     rows = [5, 3, 400, 3]
@@ -61,7 +59,7 @@ def test_voc_objects_and_flags_match_the_xml(mini_paths, raw_paths):
                 expected = from_xml[image.image_id]
                 assert image.objects == expected.objects  # names, boxes, difficult, truncated, actions
                 assert (image.width, image.height) == (expected.width, expected.height)
-                assert loader.decode_rgb(image.jpeg, image.image_id).shape[1:] == (image.height, image.width)
+                assert decode_rgb(image.jpeg, image.image_id).shape[1:] == (image.height, image.width)
 
 
 HAND_WRITTEN = """<annotation><folder>VOC2007</folder><filename>{id}.jpg</filename>
@@ -113,7 +111,7 @@ def test_short_side_scales_images_and_voc_boxes(tmp_path, raw_paths):
         source = full[image.image_id]
         scale = 40 / min(source.width, source.height)
         assert min(image.width, image.height) == 40
-        assert loader.decode_rgb(image.jpeg, image.image_id).shape[1:] == (image.height, image.width)
+        assert decode_rgb(image.jpeg, image.image_id).shape[1:] == (image.height, image.width)
         for small, big in zip(image.objects, source.objects):
             assert small.name == big.name and small.difficult == big.difficult
             assert all(abs((s - 1) - (b - 1) * scale) <= 1 for s, b in zip(small.box, big.box))
@@ -167,7 +165,7 @@ def test_imagenet_quirks_are_handled_and_reported(tmp_path):
         image = Image.open(io.BytesIO(data_bytes))
         assert image.format == "JPEG" and image.mode == "RGB"  # one decoder reads every stored image
         assert min(image.size) == 64 or kinds[sources[row]] in ("cmyk", "png")  # small ones are not upscaled
-        pixels = loader.decode_rgb(data_bytes, sources[row])
+        pixels = decode_rgb(data_bytes, sources[row])
         if kinds[sources[row]] in ("cmyk", "png"):  # the red square stays red
             assert pixels[0].float().mean() > 180 and pixels[1].float().mean() < 80
         if kinds[sources[row]] == "gray":
@@ -199,14 +197,14 @@ def test_flat_val_with_kaggle_solution(tmp_path):
 
 
 def test_flat_val_with_the_devkit(tmp_path):
-    from tests.test_devkit import SYNSETS, mat_file, synsets_struct
+    from tests.test_devkit import SYNSETS, meta_mat
 
     flat_val_imagenet(tmp_path / "raw")
     # Leaves of the devkit's numbering: ILSVRC2012_ID 1 and 2 are this root's two classes.
     synsets = [dict(SYNSETS[0], WNID="n01443537"), SYNSETS[1], dict(SYNSETS[2], WNID="n01440764")]
     devkit = tmp_path / "raw" / "ILSVRC2012_devkit_t12" / "data"
     devkit.mkdir(parents=True)
-    (devkit / "meta.mat").write_bytes(mat_file([synsets_struct(synsets, "<")]))
+    (devkit / "meta.mat").write_bytes(meta_mat(synsets))
     (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("2\n1\n")
     prepare("imagenet", str(tmp_path / "raw"), tmp_path / "out", workers=1)
     data = Prepared(tmp_path / "out", "imagenet")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from itl_ray import loader
 from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
 from itl_ray.errors import UserError
+from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
 from itl_ray.prepare import PrepareSettings, prepare
 from itl_ray.pretrain import PretrainConfig, TrainStep, pretrain, top1
@@ -34,13 +34,13 @@ def imagenet(tmp_path_factory) -> Prepared:
     return Prepared(base / "imagenet", "imagenet")
 
 
-def split(data: Prepared, classes: int) -> tuple[loader.ImageRows, loader.ImageRows]:
+def split(data: Prepared, classes: int) -> tuple[ImageRows, ImageRows]:
     labels = data.column("label")
     index = {wnid: i for i, wnid in enumerate(sorted(set(labels))[:classes])}
 
     def rows(split_name):
         chosen = np.array([row for row in data.rows_in(split_name) if labels[row] in index])
-        return loader.ImageRows(data, chosen, [index[labels[row]] for row in chosen])
+        return ImageRows(data, chosen, [index[labels[row]] for row in chosen])
 
     return rows("train"), rows("val")
 
@@ -85,7 +85,7 @@ def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(image
 
 def test_fast_pipeline_trains_to_the_accuracy_of_the_torchvision_pipeline(imagenet, tmp_path):
     """The demo's model and schedule, 20 classes, the same seed. The two pipelines feed the network
-    the same pixels here (tests/test_loader.py checks that), so the runs agree; both must learn."""
+    the same pixels here (tests/test_fast_loader.py checks that), so the runs agree; both must learn."""
     train, val = split(imagenet, 20)
     accuracy = {}
     for pipeline in ("fast", "torchvision"):
@@ -137,3 +137,44 @@ def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
     loss = step(torch.randn(4, 3, 48, 48), torch.tensor([0, 1, 2, 3]))
     assert loss.shape == () and step.compiled is None
     assert lines and "torch.compile failed (RuntimeError: no C++ compiler here)" in lines[0]
+
+
+def test_an_error_of_the_model_is_raised_not_taken_for_a_compiler_failure(monkeypatch):
+    """A compiled model that fails where the eager one fails too: the model's own error reaches the
+    caller, with no compiler log line, and compiling stays on."""
+
+    class Broken(AlexNet):
+        def forward(self, images):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x9216 and 1024x5)")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)  # "compiles" to the model itself
+    torch.manual_seed(0)
+    model = Broken(5, width=0.125, resolution=48)
+    lines = []
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01), CPU, compile=True, log=lines.append)
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        step(torch.randn(4, 3, 48, 48), torch.tensor([0, 1, 2, 3]))
+    assert lines == [] and step.compiled is not None
+
+
+def test_a_compiler_error_type_falls_back_and_is_named(monkeypatch):
+    def broken(model, **options):
+        def compiled(images):
+            raise torch._dynamo.exc.InternalTorchDynamoError("graph break in a guard")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(0)
+    eager_model = AlexNet(5, width=0.125, resolution=48)
+    torch.manual_seed(0)
+    model = AlexNet(5, width=0.125, resolution=48)
+    lines = []
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01), CPU, compile=True, log=lines.append)
+    eager = TrainStep(eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.01), CPU, log=lambda line: None)
+    images, labels = torch.randn(4, 3, 48, 48), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(1)
+    loss = step(images, labels)
+    torch.manual_seed(1)  # dropout draws the same masks in the eager run
+    assert torch.equal(loss, eager(images, labels)) and step.compiled is None
+    assert lines == ["pretrain: torch.compile failed (InternalTorchDynamoError: graph break in a guard); "
+                     "training eagerly"]

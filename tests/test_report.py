@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from itl_ray.tracking import EXPERIMENTS, POINT, POINT_ID, Store, Tracker
+from itl_ray.tracking import EXPERIMENTS, POINT, POINT_ID, Reader, Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_the_report_is_logged_on_the_parent_run(known_store, tmp_path):
     from itl_ray.report import report
 
     report("study", tmp_path / "out", resamples=50, log=lambda line: None)
-    store = Store(known_store)
+    store = Reader(known_store)
     parent = store.latest_sweep("study").info.run_id
     logged = {item.path for item in store.client.list_artifacts(parent, "report")}
     assert {"report/report.html", "report/images_per_class.md", "report/images_per_class.csv",
@@ -186,7 +186,7 @@ def test_an_unknown_experiment_lists_those_there_are_and_creates_nothing(known_s
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no experiment 'nope'" in done.stderr
     assert "experiments with sweeps: study" in done.stderr
-    names = [e.name for e in Store(known_store).client.search_experiments()]
+    names = [e.name for e in Reader(known_store).client.search_experiments()]
     assert "nope" not in names
 
 
@@ -234,7 +234,7 @@ def test_unreadable_per_image_scores_leave_the_interval_out_with_the_reason(tmp_
     trials = [{"experiments": ["pascal_removed"], "point": name, "label_set": name, "per_class": 60, "seed": 0,
                "metrics": metrics(5.0, 20.0, 33.0), "right": right} for name in ("fine", "pascal_removed")]
     uri = make_store(tmp_path, trials)
-    store = Store(uri)
+    store = Reader(uri)
     broken = [run for run in store.client.search_runs([store.client.get_experiment_by_name("study").experiment_id])
               if run.data.tags.get(POINT) == "pascal_removed"][0]
     (tmp_path / "bad").mkdir()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +47,13 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
         assert child.info.status == "FINISHED"
         for param in ("num_classes", "images_per_class", "label_set", "seed", "subset_hash"):
             assert param in child.data.params
+        # The metrics in MLflow are the ones the trial computed: its results in its latest checkpoint.
+        stages = json.loads((Path(child.data.tags["itl.checkpoint"]) / "stages.json").read_text())
+        assert set(stages) == {"pretrain", "detection", "action", "scene"}
+        computed = {key: value for stage in stages.values() for key, value in stage.items()}
         for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
             assert 0.0 <= child.data.metrics[metric] <= 100.0
+            assert child.data.metrics[metric] == computed[metric]
     control = [c for c in children if c.data.params["images_per_class"] == "0"]
     assert len(control) == 1 and control[0].data.params["subset_hash"] == "none"
     pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]

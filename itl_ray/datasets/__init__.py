@@ -28,7 +28,11 @@ class LabeledImage:
 
 
 class Root:
-    """A dataset root folder on a pyarrow file system: list folders, test paths, read files."""
+    """A dataset root folder on a pyarrow file system: list folders, test paths, read files.
+
+    ``location``: a local path or a URI (``s3://bucket/ILSVRC2012``); ``what`` names the dataset
+    in error messages. Raises UserError when the URI cannot be opened or the folder does not
+    exist. Paths passed to the methods are full paths on the file system (``path`` builds them)."""
 
     def __init__(self, location: str | Path, what: str):
         from pyarrow import fs
@@ -50,20 +54,24 @@ class Root:
                             "data path at the dataset's root")
 
     def path(self, *parts: str) -> str:
+        """The full path of ``parts`` (joined with /) under the root."""
         return posixpath.join(self.base, *parts)
 
     def relative(self, path: str) -> str:
+        """A full path relative to the root."""
         return posixpath.relpath(path, self.base)
 
     def _type(self, path: str):
         return self.fs.get_file_info(path).type
 
     def is_dir(self, path: str) -> bool:
+        """Whether the full ``path`` is a folder."""
         from pyarrow import fs
 
         return self._type(path) == fs.FileType.Directory
 
     def is_file(self, path: str) -> bool:
+        """Whether the full ``path`` is a file."""
         from pyarrow import fs
 
         return self._type(path) == fs.FileType.File
@@ -87,10 +95,12 @@ class Root:
         return self._listings[key]
 
     def read_bytes(self, path: str) -> bytes:
+        """The whole file at the full ``path``; OSError (pyarrow's) when it cannot be read."""
         with self.fs.open_input_stream(path) as stream:
             return stream.read()
 
     def read_text(self, path: str) -> str:
+        """The file as UTF-8 text, undecodable bytes replaced."""
         return self.read_bytes(path).decode("utf-8", errors="replace")
 
     def required(self, relative: str, what: str) -> str:

@@ -29,6 +29,7 @@ class ImageNet:
 
 
 def is_wnid(name: str) -> bool:
+    """Whether ``name`` has a wnid's form: ``n`` and 8 digits (not checked against WordNet)."""
     return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
 
 
@@ -96,7 +97,10 @@ def _flat_val(root: Root, names: list[str]) -> dict[str, list[LabeledImage]]:
 
 
 def read_imagenet(location: str) -> ImageNet:
-    """Read and validate an ILSVRC-2012 root. Paths in the result are relative to the root."""
+    """Read and validate an ILSVRC-2012 root (a path or pyarrow URI). Paths in the result are
+    relative to the root. Raises UserError naming the first problem: no ``train/`` or ``val/``,
+    a class folder that is not a wnid, a class without images, flat validation images without
+    their devkit labels, a validation class with no training folder."""
     root = Root(location, "ImageNet")
     root.required("train", "ILSVRC-2012 train/<wnid>/ folders")
     root.required("val", "ILSVRC-2012 val/ (wnid folders, or flat with the devkit)")

@@ -8,8 +8,11 @@ colour and a spot position (a synset shallower than a depth uses itself). Classe
 ancestors therefore share traits: merging them into an ancestor (a coarse label set) stays
 learnable but loses the fine distinctions, as in the study.
 
-Why pretraining pays. VOC objects are drawn with the look of ImageNet classes under the VOC
-class's synset (a VOC "dog" is one of the dog breeds), actions are marked by the object a person
+Why pretraining pays. VOC objects are drawn with the look of the mini ImageNet classes that
+overlap the VOC class by the study's rule (``label_sets.pascal_overlap``: a VOC "dog" is one of
+the dog breeds), which are exactly the classes ``pascal_removed`` removes; a VOC class that no
+mini class overlaps (cow, person, potted plant, train, TV monitor) is drawn with the look of its
+own synset. Actions are marked by the object a person
 holds or rides (a guitar, a horse, a laptop), and a SUN scene is the pair of objects that tends to
 be in it; backgrounds and clutter are random. Features learned on the mini ImageNet recognise all
 of these, so a pretrained network beats random initialisation on all three transfer tasks.
@@ -36,8 +39,11 @@ from PIL import Image, ImageDraw
 from itl_ray import wordnet
 from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES, parse_annotation
 from itl_ray.errors import UserError
+from itl_ray.label_sets import PASCAL_VOC_SYNSETS, pascal_overlap
 
-FORMAT_VERSION = 1
+# 2: VOC objects follow PASCAL_VOC_SYNSETS (potted plants and TV monitors drawn as plant.n.02 and
+# monitor.n.05, no longer as the pot and television_receiver synsets); scenes draw from that pool.
+FORMAT_VERSION = 2
 
 # 40 real ILSVRC-2012 classes: several under most PASCAL VOC classes (so the pascal_removed and
 # hierarchy experiments mean something here), the objects that mark the actions, and a fruit.
@@ -56,15 +62,6 @@ MINI_CLASSES = (
     "n02992529", "n02676566", "n03642806", "n04069434",  # cellular telephone, acoustic guitar, laptop, reflex camera
     "n04120489", "n02769748", "n02802426", "n07747607",  # running shoe, backpack, basketball, orange
 )
-
-# The synset of each VOC class (the devkit names them; WordNet 3.0 ids).
-VOC_SYNSETS = {
-    "aeroplane": "n02691156", "bicycle": "n02834778", "bird": "n01503061", "boat": "n02858304",
-    "bottle": "n02876657", "bus": "n02924116", "car": "n02958343", "cat": "n02121808",
-    "chair": "n03001627", "cow": "n01887787", "diningtable": "n03201208", "dog": "n02084071",
-    "horse": "n02374451", "motorbike": "n03790512", "person": "n00007846", "pottedplant": "n03991062",
-    "sheep": "n02411705", "sofa": "n04256520", "train": "n04468005", "tvmonitor": "n04405907",
-}
 
 # The object that marks each VOC 2012 action.
 ACTION_OBJECTS = {
@@ -92,7 +89,8 @@ SUN_SCENES = (
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many images of each kind the benchmark holds."""
+    """How many images of each kind the benchmark holds. The defaults are the demo's (8,860
+    images, about 41 MB); tests use smaller ones."""
 
     train_per_class: int = 150
     val_per_class: int = 25
@@ -125,17 +123,24 @@ def _unit(*parts: object) -> float:
 
 @dataclass(frozen=True)
 class Look:
-    silhouette: int
-    fill_hue: float
-    pattern: int
-    pattern_hue: float
-    angle: float  # radians
-    period: float  # in units of the object's size
-    outline: int
-    spot: int
+    """How every drawn instance of one synset looks (``render_object`` adds per-instance jitter)."""
+
+    silhouette: int  # index into SILHOUETTES
+    fill_hue: float  # HSV hue in [0, 1)
+    pattern: int  # index into PATTERNS
+    pattern_hue: float  # HSV hue in [0, 1) of the pattern's second colour
+    angle: float  # radians, in [0, pi)
+    period: float  # in units of the object's size, in [0.18, 0.40)
+    outline: int  # index into OUTLINE_COLOURS
+    spot: int  # index into SPOT_POSITIONS
 
 
 def look_of(wnid: str, seed: int) -> Look:
+    """The look of synset ``wnid`` under ``seed``: each trait hashed from the ancestor at its depth
+    of ``TRAIT_DEPTHS`` on the synset's parent chain (the synset itself when it is shallower),
+    outline and spot from the synset alone (see the module docstring). Deterministic: the same
+    (wnid, seed) gives the same look in every process. Raises UserError for a wnid that is not a
+    WordNet 3.0 noun, or when WordNet is not installed."""
     chain = wordnet.ancestry(wnid)
 
     def at(depth: int) -> str:
@@ -182,7 +187,9 @@ def _silhouette_points(kind: str, width: int, height: int) -> list[tuple[float, 
 
 
 def render_object(look: Look, width: int, height: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An object's pixels (HxWx3 float) and its mask (HxW bool), with per-instance jitter."""
+    """An object's pixels (height x width x 3 float32, 0-255) and its mask (height x width bool),
+    with per-instance jitter of the pattern's angle, period and phase and of the colours, drawn
+    from ``rng``."""
     mask_image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask_image)
     kind = SILHOUETTES[look.silhouette]
@@ -238,7 +245,8 @@ def render_object(look: Look, width: int, height: int, rng: np.random.Generator)
 
 
 def background(width: int, height: int, rng: np.random.Generator, clutter: int) -> np.ndarray:
-    """A random smooth colour field plus a few plain random shapes (clutter carries no class)."""
+    """A random smooth colour field plus ``clutter`` plain random shapes (clutter carries no
+    class): height x width x 3 float32, 0-255."""
     coarse = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.uint8)
     canvas = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
     canvas = canvas + rng.normal(0, 6, size=canvas.shape)
@@ -269,6 +277,8 @@ def paste(canvas: np.ndarray, look: Look, box: tuple[int, int, int, int], rng: n
 
 
 def encode(canvas: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """A canvas (HxWx3 float, 0-255) with Gaussian noise of std 4 added, clipped to uint8 and
+    encoded as ``fmt`` (JPEG at quality 90): the file's bytes."""
     noisy = canvas + rng.normal(0, 4, size=canvas.shape)
     buffer = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=90)
@@ -308,13 +318,18 @@ def _imagenet_image(seed: int, wnid: str, name: str) -> bytes:
 
 
 def instance_synsets() -> dict[str, list[str]]:
-    """For each VOC class, the synsets its objects are drawn as: the mini ImageNet classes under
-    the VOC class's synset, or the synset itself when there are none."""
-    looks = {}
-    for voc_class, synset in VOC_SYNSETS.items():
-        under = [wnid for wnid in MINI_CLASSES if synset in wordnet.ancestry(wnid)]
-        looks[voc_class] = under or [synset]
-    return looks
+    """For each VOC class, the synsets its objects are drawn as (one chosen at random per
+    object): the mini ImageNet classes that overlap it (``label_sets.pascal_overlap``, the rule
+    of ``pascal_removed``), or its own synsets (``PASCAL_VOC_SYNSETS``) when none does."""
+    overlap = pascal_overlap(MINI_CLASSES)
+    return {voc_class: overlap[voc_class] or list(PASCAL_VOC_SYNSETS[voc_class]) for voc_class in VOC_CLASSES}
+
+
+def scene_pool() -> list[str]:
+    """Every synset whose look the benchmark draws as an object (the mini classes and the VOC
+    classes' own synsets), sorted: scenes take their objects and clutter from it."""
+    own = {synset for synsets in PASCAL_VOC_SYNSETS.values() for synset in synsets}
+    return sorted(set(MINI_CLASSES) | own)
 
 
 def _place(rng: np.random.Generator, width: int, height: int, low: float, high: float) -> tuple[int, int, int, int]:
@@ -353,7 +368,8 @@ def _voc12_image(seed: int, image_id: str) -> tuple[bytes, dict]:
     rng = _rng(seed, "voc12", image_id)
     width, height = int(rng.integers(128, 161)), int(rng.integers(112, 145))
     canvas = background(width, height, rng, clutter=int(rng.integers(2, 5)))
-    person = _LOOKS[VOC_SYNSETS["person"]]
+    (person_synset,) = PASCAL_VOC_SYNSETS["person"]
+    person = _LOOKS[person_synset]
     objects = []
     for index in range(int(rng.integers(1, 3))):
         action = ACTION_CLASSES[int(rng.integers(len(ACTION_CLASSES)))]
@@ -375,7 +391,7 @@ def _voc12_image(seed: int, image_id: str) -> tuple[bytes, dict]:
 
 def _scene_objects(seed: int) -> dict[str, list[str]]:
     """Each scene's two characteristic objects, drawn without replacement from the pool."""
-    pool = sorted(set(MINI_CLASSES) | set(VOC_SYNSETS.values()))
+    pool = scene_pool()
     order = sorted(pool, key=lambda wnid: _unit(seed, "scene-pool", wnid))
     return {scene: order[2 * index : 2 * index + 2] for index, scene in enumerate(SUN_SCENES)}
 
@@ -385,7 +401,7 @@ def _sun_image(seed: int, scene: str, name: str) -> bytes:
     width, height = int(rng.choice([96, 112, 128])), int(rng.choice([96, 112]))
     canvas = background(width, height, rng, clutter=int(rng.integers(1, 4)))
     own = _scene_objects(seed)[scene]
-    pool = sorted(set(MINI_CLASSES) | set(VOC_SYNSETS.values()))
+    pool = scene_pool()
     for _ in range(int(rng.integers(3, 6))):
         wnid = own[int(rng.integers(len(own)))] if rng.uniform() < 0.75 else pool[int(rng.integers(len(pool)))]
         paste(canvas, _LOOKS[wnid], _place(rng, width, height, 0.25, 0.45), rng)
@@ -538,7 +554,10 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
                progress=None) -> Path:
     """Write the mini-benchmark under ``out_dir`` (atomically: a staging folder renamed at the end).
 
-    Returns ``out_dir``. An existing complete benchmark with the same seed and sizes is kept.
+    Returns ``out_dir`` (absolute). An existing complete benchmark with the same seed, sizes and
+    format version is kept as it is. ``workers`` processes render the images (default: all
+    cores); ``progress(done, total)`` is called every 500 images and at the end. Raises UserError
+    when ``out_dir`` holds another benchmark or other files, or when WordNet is missing.
     """
     out = Path(out_dir).expanduser().resolve()
     stamp = {"format_version": FORMAT_VERSION, "seed": seed, "sizes": sizes.__dict__}
@@ -550,7 +569,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an itl_ray mini-benchmark; choose an empty or new folder")
     wordnet.load()  # fail early, with the install hint, when WordNet is missing
-    needed = sorted(set(MINI_CLASSES) | set(VOC_SYNSETS.values()) | set(ACTION_OBJECTS.values()))
+    needed = sorted(set(scene_pool()) | set(ACTION_OBJECTS.values()))
     looks = {wnid: look_of(wnid, seed) for wnid in needed}
     instances = instance_synsets()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -585,7 +604,8 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
 
 
 def dataset_paths(out_dir: str | Path) -> dict[str, str]:
-    """Where the four datasets' roots lie under a mini-benchmark folder (``itl-ray prepare`` reads them)."""
+    """Where the four datasets' roots lie under a mini-benchmark folder, keyed by the config's
+    ``data`` setting (``itl-ray prepare`` reads them; VOC 2007 and 2012 share ``VOCdevkit``)."""
     out = Path(out_dir)
     return {
         "imagenet": str(out / "ILSVRC2012"),
@@ -593,12 +613,3 @@ def dataset_paths(out_dir: str | Path) -> dict[str, str]:
         "voc2012": str(out / "VOCdevkit"),
         "sun397": str(out / "SUN397"),
     }
-
-
-# `itl-ray prepare` kind for each of the config's data settings.
-PREPARE_KINDS = {"imagenet": "imagenet", "voc2007": "voc2007", "voc2012": "voc2012-action", "sun397": "sun397"}
-
-
-def prepared_paths(shards_dir: str | Path) -> dict[str, str]:
-    """Where the prepared datasets lie under a shards folder (the config's ``data`` section)."""
-    return {setting: str(Path(shards_dir) / kind) for setting, kind in PREPARE_KINDS.items()}

@@ -1,15 +1,19 @@
 """PASCAL VOC in the devkit layout: ``VOCdevkit/VOC2007`` (detection) and ``VOCdevkit/VOC2012``
-(action classification).
+(action classification), and the images of a prepared VOC split as the transfer stages take them
+(``voc_images``).
 
 Boxes are kept as the XML gives them: 1-based pixel coordinates ``(xmin, ymin, xmax, ymax)``.
 """
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+
 from itl_ray.datasets import Root, read_lines
 from itl_ray.errors import UserError
+from itl_ray.shards import Prepared
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -26,6 +30,10 @@ ACTION_CLASSES = (
 
 @dataclass(frozen=True)
 class VocObject:
+    """One annotated object: its VOC class name, its box (1-based inclusive pixel coordinates xmin,
+    ymin, xmax, ymax, as in the XML), the devkit's difficult and truncated flags, and (VOC 2012
+    action annotations) the actions the person does."""
+
     name: str
     box: tuple[int, int, int, int]
     difficult: bool = False
@@ -35,6 +43,10 @@ class VocObject:
 
 @dataclass(frozen=True)
 class VocImage:
+    """One VOC image: its id (the file stem, ``000005``), its path inside the dataset root (``row N``
+    when read from prepared shards), its size in px, its objects, and its encoded bytes when read
+    from prepared shards (empty when read from the devkit layout)."""
+
     image_id: str
     path: str  # inside the dataset root
     width: int
@@ -149,3 +161,23 @@ def read_voc2012_actions(location: str | Root, split: str) -> list[VocImage]:
                  tuple(obj for obj in image.objects if obj.name == "person" and obj.actions))
         for image in images
     ]
+
+
+def voc_images(data: Prepared, split: str) -> list[VocImage]:
+    """The images of split ``split`` of the prepared VOC dataset ``data``, in manifest order, with
+    their objects and stored JPEG bytes; boxes are scaled from the source image's pixels to the
+    stored image's and rounded (1-based inclusive, as in the XML)."""
+    rows = data.rows_in(split)
+    columns = {name: data.column(name) for name in ("image_id", "objects", "width", "height", "source_width",
+                                                    "source_height")}
+    images = []
+    for row, jpeg in zip(rows, data.read(rows)):
+        width, height = columns["width"][row], columns["height"][row]
+        sx, sy = width / columns["source_width"][row], height / columns["source_height"][row]
+        objects = tuple(
+            VocObject(name, (round((x0 - 1) * sx) + 1, round((y0 - 1) * sy) + 1, round((x1 - 1) * sx) + 1,
+                             round((y1 - 1) * sy) + 1), bool(difficult), bool(truncated), tuple(actions))
+            for name, x0, y0, x1, y1, difficult, truncated, actions in json.loads(columns["objects"][row])
+        )
+        images.append(VocImage(columns["image_id"][row], f"row {row}", width, height, objects, jpeg))
+    return images

@@ -9,11 +9,11 @@ from typing import Callable
 
 import torch
 
-from itl_ray import loader, metrics
+from itl_ray import metrics
 from itl_ray.datasets.voc import ACTION_CLASSES, VocImage
 from itl_ray.errors import UserError
+from itl_ray.images import decode_rgb, resize_uint8, short_side_for
 from itl_ray.models import AlexNet
-from itl_ray.pretrain import resize_for
 from itl_ray.transfer.finetune import FinetuneConfig, finetune, predict
 
 
@@ -24,6 +24,7 @@ class ActionConfig(FinetuneConfig):
     context: float = 1.2  # the person box is enlarged by this factor around its centre
 
     def validate(self, path: str) -> None:
+        """``FinetuneConfig.validate``, and ``context`` at least 1 (UserError naming ``path.context``)."""
         super().validate(path)
         if self.context < 1.0:
             raise UserError(f"{path}.context must be >= 1.0")
@@ -36,7 +37,7 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
     for image in images:
         if not image.objects:
             continue
-        pixels = loader.decode_rgb(image.jpeg, image.image_id)
+        pixels = decode_rgb(image.jpeg, image.image_id)
         height, width = pixels.shape[-2:]
         for person in image.objects:
             xmin, ymin, xmax, ymax = person.box
@@ -44,10 +45,7 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
             half_w, half_h = context * (xmax - xmin + 1) / 2, context * (ymax - ymin + 1) / 2
             x0, x1 = max(0, int(cx - half_w)), min(width, int(cx + half_w) + 1)
             y0, y1 = max(0, int(cy - half_h)), min(height, int(cy + half_h) + 1)
-            crop = pixels[:, y0:y1, x0:x1][None].float()
-            resized = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear",
-                                                      antialias=True, align_corners=False)
-            crops.append(resized[0].round().clamp(0, 255).to(torch.uint8))
+            crops.append(resize_uint8(pixels[:, y0:y1, x0:x1], size, size))
             targets.append([1.0 if action in person.actions else 0.0 for action in ACTION_CLASSES])
     if not crops:
         raise UserError("the VOC 2012 action split holds no annotated persons")
@@ -56,7 +54,18 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
 
 def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage], config: ActionConfig,
                     device: torch.device, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
-    size = resize_for(backbone.resolution)
+    """PASCAL-ACT-CLS: fine-tune a copy of ``backbone`` (multi-label, a new 10-way fc8, every layer
+    trained: ``finetune``) on the persons of ``train``, score the persons of ``val``.
+
+    Each person is cropped around its box enlarged by ``config.context`` and resized to
+    ``short_side_for(backbone.resolution)`` px (random crops of the model's resolution in training,
+    the center crop at test). Returns percent: ``voc12_act_map``, the mean over the actions with a
+    val person of VOC 2012's AP (area under the precision envelope, the devkit's VOCevalaction),
+    and ``voc12_act_ap_<action>`` for each of those actions; an action without val persons has no
+    AP and is left out. The caller's backbone is not changed. Random draws: the order, crops and
+    flips from ``seed``; the new fc8 and dropout from torch's global generator (which the trial
+    seeds). Raises UserError when a split holds no annotated person."""
+    size = short_side_for(backbone.resolution)
     train_x, train_y = person_crops(train, size, config.context)
     val_x, val_y = person_crops(val, size, config.context)
     model = finetune(backbone, train_x, train_y, len(ACTION_CLASSES), config, device, seed,

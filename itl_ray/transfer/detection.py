@@ -62,8 +62,8 @@ from torchvision.ops import nms, roi_align
 
 from itl_ray.datasets.voc import VOC_CLASSES, VocImage, VocObject
 from itl_ray.errors import UserError
-from itl_ray.loader import decode_rgb, normalize
-from itl_ray.metrics import detection_ap, mean_ap
+from itl_ray.images import decode_rgb, normalize, resize_uint8
+from itl_ray.metrics import box_iou, detection_ap, mean_ap
 from itl_ray.models import AlexNet
 
 # conv5's stride in pixels (conv1 stride 4, pool1 and pool2 stride 2).
@@ -182,18 +182,6 @@ class DetectionConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Boxes
-
-
-def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """IoU matrix (N x M) of pixel-index boxes, corners inclusive (VOC's +1 area convention)."""
-    left = torch.maximum(boxes[:, None, 0], others[None, :, 0])
-    top = torch.maximum(boxes[:, None, 1], others[None, :, 1])
-    right = torch.minimum(boxes[:, None, 2], others[None, :, 2])
-    bottom = torch.minimum(boxes[:, None, 3], others[None, :, 3])
-    intersection = (right - left + 1).clamp(min=0) * (bottom - top + 1).clamp(min=0)
-    areas = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
-    other_areas = (others[:, 2] - others[:, 0] + 1) * (others[:, 3] - others[:, 1] + 1)
-    return intersection / (areas[:, None] + other_areas[None, :] - intersection)
 
 
 def _centres_and_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -325,14 +313,13 @@ def _scaled_size(height: int, width: int, config: DetectionConfig) -> tuple[int,
 
 
 def _load(images: list[VocImage], config: DetectionConfig) -> list[_Image]:
-    """Decode and scale every image once (antialiased bilinear, as ``loader.resize_short_side``)."""
+    """Decode and scale every image once (``images.resize_uint8``)."""
     loaded = []
     for image in images:
         pixels = decode_rgb(image.jpeg, image.image_id)
         height, width = pixels.shape[-2:]
         new_height, new_width = _scaled_size(height, width, config)
-        scaled = F.interpolate(pixels[None].float(), size=(new_height, new_width), mode="bilinear",
-                               antialias=True, align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        scaled = resize_uint8(pixels, new_height, new_width)
         scale_x, scale_y = new_width / width, new_height / height
         objects = [obj for obj in image.objects if obj.name in VOC_CLASSES]
         # VOC boxes are 1-based: pixel index = VOC coordinate - 1, then scaled.

@@ -14,13 +14,17 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from itl_ray import loader
 from itl_ray.errors import UserError
+from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
+    """Fine-tuning settings shared by the action and scene stages. **Assumption** (the study does not
+    give them): the common recipe of its time, as in the module docstring; ``lr`` applies to the
+    pretrained layers, 10x to the new fc8, divided by 10 every ``lr_drop_every`` epochs."""
+
     epochs: int = 30
     batch_size: int = 64  # images per SGD step
     lr: float = 0.001  # pretrained layers; the new fc8 uses 10x
@@ -29,6 +33,7 @@ class FinetuneConfig:
     weight_decay: float = 5e-4
 
     def validate(self, path: str) -> None:
+        """Raise UserError naming ``path.<field>`` for a count below 1."""
         for key in ("epochs", "batch_size", "lr_drop_every"):
             if getattr(self, key) < 1:
                 raise UserError(f"{path}.{key} must be >= 1")
@@ -67,8 +72,8 @@ def finetune(
         total, steps = 0.0, 0
         for start in range(0, len(images), config.batch_size):
             index = order[start : start + config.batch_size]
-            batch = loader.random_crops(images[index], model.resolution, generator)
-            logits = model(loader.normalize(batch.to(device)))
+            batch = random_crops(images[index], model.resolution, generator)
+            logits = model(normalize(batch.to(device)))
             target = targets[index].to(device)
             if multi_label:
                 loss = F.binary_cross_entropy_with_logits(logits, target)
@@ -91,6 +96,6 @@ def predict(model: AlexNet, images: torch.Tensor, device: torch.device, batch_si
     model.eval()
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = loader.center_crops(images[start : start + batch_size], model.resolution)
-        outputs.append(model(loader.normalize(batch.to(device))).float().cpu())
+        batch = center_crops(images[start : start + batch_size], model.resolution)
+        outputs.append(model(normalize(batch.to(device))).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
