@@ -45,6 +45,7 @@ import yaml
 from annotated_types import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
 
 from itl_ray.errors import UserError
+from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.models import MIN_RESOLUTION
 from itl_ray.pretrain import PretrainConfig, PretrainRuntime
 from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths, read_info
@@ -132,31 +133,137 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment of the study inside a sweep spec (``experiments.NAME``): its trials as a grid
+    over dotted keys and/or a list of trials, and settings every one of its trials gets."""
+
+    grid: dict[str, Annotated[list, MinLen(1)]] = field(default_factory=dict)  # dotted key -> values; every combination
+    trials: list[dict] = field(default_factory=list)  # each a mapping of dotted keys, after the grid
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, for all its trials
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """A trial of a sweep and the experiments it belongs to (a shared trial, such as the
+    full-ImageNet baseline, runs once and belongs to every experiment that lists it)."""
+
+    config: TrialConfig
+    experiments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SweepSpec:
-    """A sweep: a base trial config, a grid over dotted keys, and extra trials (e.g. the control)."""
+    """A sweep: a base trial config and its trials, once per seed.
+
+    Two forms. One experiment: ``grid`` (dotted keys and values, every combination) and
+    ``extra_trials`` (e.g. the control), tagged with the experiment ``experiment`` (default: the
+    sweep's ``name``); with neither, the base config is the one trial. Several: ``experiments`` maps each name to its own grid, trials and
+    settings; top-level ``extra_trials`` then belong to every experiment (the random-init control).
+    A trial that several experiments list with the same config runs once and counts for each.
+    ``seeds`` repeats every trial once per seed (the trial's ``seed`` setting); empty: the base
+    config's ``seed`` only.
+    """
 
     trial: TrialConfig
     # Dotted trial keys and the values each takes; the trials are every combination.
     grid: dict[str, Annotated[list, MinLen(1)]] = field(default_factory=dict)
     extra_trials: list[dict] = field(default_factory=list)  # dotted keys set apart from the grid
+    experiment: str = ""  # the one experiment's name without `experiments` (default: `name`); a-z, 0-9, _
+    experiments: dict[str, ExperimentSpec] = field(default_factory=dict)
+    seeds: list[Annotated[int, Ge(0)]] = field(default_factory=list)  # every trial once per seed
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: Annotated[int, Ge(0)] = 0  # 0: as many as the resources allow
     max_failures: Annotated[int, Ge(0)] = 1  # retries of a failed trial
     storage: Annotated[str, MinLen(1)] = "itl_runs/ray"  # Ray Tune's results and checkpoints
 
-    def trials(self) -> list[TrialConfig]:
-        """The grid's trials (in grid order), then the extra trials."""
-        keys = list(self.grid)
+    def check(self) -> None:
+        """The rules between fields (bounds are declared on the fields): ValueError naming them."""
+        if self.experiments and self.grid:
+            raise ValueError("grid: a spec with experiments keeps each grid under its experiment "
+                             "(experiments.NAME.grid)")
+        if self.experiments and self.experiment:
+            raise ValueError("experiment: a spec with experiments names them under experiments")
+        for name, experiment in self.experiments.items():
+            if not EXPERIMENT_NAME.fullmatch(name):
+                raise ValueError(f"experiments.{name}: an experiment name uses a-z, 0-9 and _ only")
+            if not experiment.grid and not experiment.trials:
+                raise ValueError(f"experiments.{name}: no trials; give it a grid or trials")
+        if self.experiment and not EXPERIMENT_NAME.fullmatch(self.experiment):
+            raise ValueError(f"experiment: {self.experiment!r} uses characters other than a-z, 0-9 and _")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} lists a seed twice")
+        grids = {"grid": self.grid, **{f"experiments.{name}.grid": e.grid for name, e in self.experiments.items()}}
+        for where, grid in grids.items():
+            for dotted in grid:
+                if dotted.split(".")[0] == "runtime":
+                    raise ValueError(f"{where}.{dotted}: runtime settings change how fast a trial runs, not what it "
+                                     "computes; set them once under runtime:, not in a grid")
+
+    def experiment_names(self) -> list[str]:
+        return list(self.experiments) or [self.experiment or as_experiment_name(self.trial.name)]
+
+    def planned(self) -> list[PlannedTrial]:
+        """Every trial once (grid order, then listed trials, then shared extra trials; each once
+        per seed), tagged with the experiments that list it. Raises UserError naming the bad point."""
         base = to_dict(self.trial)
-        trials = []
-        for values in itertools.product(*(self.grid[key] for key in keys)):
-            trials.append(_apply(base, dict(zip(keys, values)), "grid"))
-        for index, extra in enumerate(self.extra_trials):
-            trials.append(_apply(base, extra, f"extra_trials[{index}]"))
-        return trials
+        seeds = [{"seed": seed} for seed in self.seeds] or [{}]
+        if self.experiments:
+            groups = {name: (e.grid, e.trials, e.settings, f"experiments.{name}.") for name, e in self.experiments.items()}
+            shared = self.extra_trials
+        else:
+            groups = {self.experiment_names()[0]: (self.grid, self.extra_trials, {}, "")}
+            shared = []
+        found: dict[str, tuple[TrialConfig, list[str]]] = {}
+
+        def add(overrides: dict, where: str, names: list[str]) -> None:
+            if self.seeds and "seed" in overrides:
+                raise UserError(f"{where}: sets seed, which `seeds: {self.seeds}` already varies; remove one")
+            for seed in seeds:
+                config = _apply(base, {**overrides, **seed}, where)
+                key = _same_trial_key(config)  # a trial listed twice (a shared baseline) runs once
+                if key not in found:
+                    found[key] = (config, [])
+                found[key][1].extend(name for name in names if name not in found[key][1])
+
+        for name, (grid, listed, settings, prefix) in groups.items():
+            keys = list(grid)
+            # No grid: only the listed trials; a spec with neither runs its base config alone.
+            points = itertools.product(*(grid[key] for key in keys)) if grid or not (prefix or listed) else []
+            for values in points:
+                add({**settings, **dict(zip(keys, values))}, f"{prefix}grid", [name])
+            for index, extra in enumerate(listed):
+                where = f"{prefix}trials[{index}]" if prefix else f"extra_trials[{index}]"
+                add({**settings, **extra}, where, [name])
+        for index, extra in enumerate(shared):
+            add(extra, f"extra_trials[{index}]", list(groups))
+        return [PlannedTrial(config, tuple(names)) for config, names in found.values()]
+
+    def trials(self) -> list[TrialConfig]:
+        """The sweep's distinct trials, in the order of ``planned``."""
+        return [planned.config for planned in self.planned()]
+
+    def varying_keys(self) -> list[str]:
+        """The dotted keys the sweep's trials differ in (for readable trial names), seed last."""
+        keys: list[str] = []
+        sources = [self.grid, *self.extra_trials]
+        for experiment in self.experiments.values():
+            sources += [experiment.grid, *experiment.trials, experiment.settings]
+        for source in sources:
+            keys += [key for key in source if key not in keys]
+        if self.seeds and "seed" not in keys:
+            keys.append("seed")
+        return keys
 
 
 SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"trial"}
+
+
+def _same_trial_key(config: TrialConfig) -> str:
+    """Equal for two configs that are the same trial (all but runtime equal, data by path): what
+    the planner merges, without reading the data (``trial_id`` names data by content)."""
+    identity = to_dict(config)
+    del identity["runtime"]
+    return json.dumps(identity, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +620,19 @@ def _typed(dotted: str, value: Any, where: str, path: str) -> Any:
     return list(converted) if isinstance(converted, tuple) else converted
 
 
+def _typed_grid(grid: dict[str, list], where: str) -> dict[str, list]:
+    return {dotted: [_typed(dotted, value, where, f"{where}.{dotted}[{index}]") for index, value in enumerate(values)]
+            for dotted, values in grid.items()}
+
+
+def _typed_points(points: list[dict], where: str) -> list[dict]:
+    return [_typed_settings(point, f"{where}[{index}]") for index, point in enumerate(points)]
+
+
+def _typed_settings(settings: dict, where: str) -> dict:
+    return {dotted: _typed(dotted, value, where, f"{where}.{dotted}") for dotted, value in settings.items()}
+
+
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate a sweep spec file, with ``overrides`` (from ``parse_overrides``) applied
     first; ``grid.<dotted key>`` overrides set a grid axis. Relative data paths become absolute
@@ -548,36 +668,14 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     trial = dataclasses.replace(trial, data=_absolute_paths(trial.data))
     spec = from_dict(SweepSpec, {**sweep_part, "trial": to_dict(trial)})
     spec = dataclasses.replace(
-        spec,
-        grid={dotted: [_typed(dotted, value, "grid", f"grid.{dotted}[{index}]") for index, value in enumerate(values)]
-              for dotted, values in spec.grid.items()},
-        extra_trials=[{dotted: _typed(dotted, value, f"extra_trials[{index}]", f"extra_trials[{index}].{dotted}")
-                       for dotted, value in extra.items()} for index, extra in enumerate(spec.extra_trials)],
+        spec, grid=_typed_grid(spec.grid, "grid"), extra_trials=_typed_points(spec.extra_trials, "extra_trials"),
+        experiments={name: ExperimentSpec(grid=_typed_grid(e.grid, f"experiments.{name}.grid"),
+                                          trials=_typed_points(e.trials, f"experiments.{name}.trials"),
+                                          settings=_typed_settings(e.settings, f"experiments.{name}.settings"))
+                     for name, e in spec.experiments.items()},
     )
-    _refuse_identical_trials(spec)  # builds and so validates every grid point and extra trial
+    spec.trials()  # validates every grid point and extra trial now, naming the bad one
     return spec
-
-
-def _refuse_identical_trials(spec: SweepSpec) -> None:
-    """UserError when two of the sweep's trials would compute the same thing (equal apart from
-    ``runtime``): a grid over runtime settings, or an extra trial that repeats a grid point."""
-    for dotted in spec.grid:
-        if dotted.split(".")[0] == "runtime":
-            raise UserError(f"grid.{dotted}: runtime settings change how fast a trial runs, not what it computes; "
-                            "set them once under runtime:, not in the grid")
-    keys = list(spec.grid)
-    labels = [",".join(f"{key}={value}" for key, value in zip(keys, values))
-              for values in itertools.product(*(spec.grid[key] for key in keys))]
-    labels += [f"extra_trials[{index}]" for index in range(len(spec.extra_trials))]
-    seen: dict[str, str] = {}
-    for label, trial in zip(labels, spec.trials()):
-        identity = to_dict(trial)
-        del identity["runtime"]
-        key = json.dumps(identity, sort_keys=True)
-        if key in seen:
-            raise UserError(f"{seen[key] or 'the base trial'} and {label or 'the base trial'} are the same trial "
-                            "(equal settings apart from runtime); remove one")
-        seen[key] = label
 
 
 def _absolute_paths(data: DataConfig) -> DataConfig:

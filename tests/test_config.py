@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from itl_ray.config import TrialConfig, load_spec, override, parse_overrides, trial_id
+from itl_ray.config import TrialConfig, load_spec, override, parse_overrides, to_dict, trial_id
 from itl_ray.errors import UserError
 from itl_ray.prepare import PrepareSettings, prepare
 from tests.conftest import tiny_spec
@@ -151,6 +151,86 @@ def with_data(config: TrialConfig, paths: dict[str, str]) -> TrialConfig:
     return dataclasses.replace(config, data=dataclasses.replace(config.data, **paths))
 
 
+def test_experiments_share_trials_and_seeds_repeat_them(tmp_path):
+    spec = load_spec(write(tmp_path, """
+name: study
+seeds: [0, 1]
+experiments:
+  images_per_class:
+    grid: {pretrain.images_per_class: [100, 50]}
+  split:
+    grid: {pretrain.label_set: [fine, random_a]}
+    settings: {pretrain.images_per_class: 100}
+  budget:
+    trials:
+      - {pretrain.num_classes: 20, pretrain.images_per_class: 50}
+extra_trials:
+  - {pretrain.images_per_class: 0}
+"""))
+    planned = spec.planned()
+    # 100/fine is in images_per_class and split: once per seed, tagged with both.
+    points = [(p.config.pretrain.images_per_class, p.config.pretrain.label_set, p.config.pretrain.num_classes,
+               p.config.seed, p.experiments) for p in planned]
+    assert points == [
+        (100, "fine", None, 0, ("images_per_class", "split")), (100, "fine", None, 1, ("images_per_class", "split")),
+        (50, "fine", None, 0, ("images_per_class",)), (50, "fine", None, 1, ("images_per_class",)),
+        (100, "random_a", None, 0, ("split",)), (100, "random_a", None, 1, ("split",)),
+        (50, "fine", 20, 0, ("budget",)), (50, "fine", 20, 1, ("budget",)),
+        (0, "fine", None, 0, ("images_per_class", "split", "budget")),
+        (0, "fine", None, 1, ("images_per_class", "split", "budget")),
+    ]
+    assert len({json.dumps(to_dict(p.config)) for p in planned}) == len(planned) == len(spec.trials())
+    assert spec.experiment_names() == ["images_per_class", "split", "budget"]
+    assert spec.varying_keys()[-1] == "seed"
+
+
+def test_one_experiment_is_named_after_the_sweep_and_seeds_apply(tmp_path):
+    spec = load_spec(write(tmp_path, "name: My Sweep\nseeds: [3, 4]\ngrid: {pretrain.epochs: [1, 2]}\n"))
+    assert spec.experiment_names() == ["my_sweep"]
+    assert [(t.pretrain.epochs, t.seed) for t in spec.trials()] == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    only_listed = load_spec(write(tmp_path, "name: s\nextra_trials: [{pretrain.epochs: 7}]\n"))
+    assert [t.pretrain.epochs for t in only_listed.trials()] == [7]  # no grid: the listed trials only
+
+
+@pytest.mark.parametrize("text, message", [
+    ("experiments: {a: {grid: {pretrain.epochs: [1]}}}\ngrid: {seed: [1]}\n", "grid: a spec with experiments"),
+    ("experiments: {Bad-Name: {grid: {pretrain.epochs: [1]}}}\n", "experiments.Bad-Name: an experiment name"),
+    ("experiments: {a: {}}\n", "experiments.a: no trials"),
+    ("experiments: {a: {grid: {pretrain.epochs: []}}}\n", "experiments.a.grid.pretrain.epochs=[] is out of range; allowed: not empty"),
+    ("experiments: {a: {trials: [{pretrain.epochs: x}]}}\n", "experiments.a.trials[0].pretrain.epochs: expected int"),
+    ("experiments: {a: {grid: {pretrain.epochs: [1, x]}}}\n", "experiments.a.grid.pretrain.epochs[1]: expected int"),
+    ("experiments: {a: {grid: {pretrain.epochz: [1]}}}\n", "experiments.a.grid: unknown key 'pretrain.epochz'"),
+    ("experiments: {a: {grid: {runtime.threads: [1, 2]}}}\n", "experiments.a.grid.runtime.threads: runtime settings"),
+    ("experiments: {a: {trials: [{seed: 1}], settings: {pretrain.lr: -1}}}\n",
+     "experiments.a.settings.pretrain.lr=-1.0 is out of range"),
+    ("seeds: [0, -1]\n", "seeds[1]=-1 is out of range; allowed: >= 0"),
+    ("experiments: {a: {grid: {pretrain.epochs: [1]}, bogus: 1}}\n", "unknown key 'experiments.a.bogus'"),
+    ("seeds: [0, 1]\ngrid: {seed: [1, 2]}\n", "sets seed, which `seeds: [0, 1]` already varies"),
+    ("seeds: [1, 1]\n", "seeds: [1, 1] lists a seed twice"),
+])
+def test_bad_experiment_specs_name_the_key(tmp_path, text, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.").replace("]", r"\]")):
+        load_spec(write(tmp_path, text))
+
+
+def test_the_study_specs_load():
+    from pathlib import Path
+
+    sweeps = Path(__file__).resolve().parents[1] / "sweeps"
+    paper = load_spec(sweeps / "paper.yaml")
+    assert paper.experiment_names() == ["images_per_class", "number_of_classes", "fixed_budget", "split",
+                                        "pascal_removed", "induction"]
+    assert len(paper.trials()) == 22 * 3  # 22 distinct settings (the baseline and control shared), 3 seeds
+    baseline = [p for p in paper.planned() if p.config.pretrain.images_per_class == 1300
+                and p.config.pretrain.label_set == "fine"]
+    assert len(baseline) == 3 and set(baseline[0].experiments) == {"images_per_class", "number_of_classes", "split",
+                                                                    "pascal_removed", "induction"}
+    mini = load_spec(sweeps / "mini_paper.yaml")
+    assert mini.experiment_names() == paper.experiment_names()
+    for name in ("images_per_class", "number_of_classes", "fixed_budget", "split", "pascal_removed", "induction"):
+        assert load_spec(sweeps / f"{name}.yaml").experiment_names() == [name]
+
+
 def test_trial_id_is_stable(mini_paths):
     config = with_data(TrialConfig(), mini_paths)
     assert trial_id(config) == trial_id(with_data(TrialConfig(), mini_paths))
@@ -235,8 +315,6 @@ def test_sweep_id_ignores_runtime_settings(mini_paths, tmp_path):
      "unknown key 'transfer.detection.test_batch_size' (it is runtime.detection.test_batch_size now)"),
     ("grid: {pretrain.compile: [on, off]}\n", "grid: unknown key 'pretrain.compile' (it is runtime.pretrain.compile now)"),
     ("grid: {runtime.pretrain.workers: [1, 2]}\n", "grid.runtime.pretrain.workers: runtime settings change how fast"),
-    ("grid: {seed: [0, 1]}\nextra_trials: [{seed: 1}]\n", "seed=1 and extra_trials[0] are the same trial"),
-    ("extra_trials: [{runtime.threads: 2}]\n", "the base trial and extra_trials[0] are the same trial"),
     ("runtime: {device: gpu}\n", "runtime.device='gpu' is not one of the choices: auto, cpu, cuda"),
     ("runtime: {threads: -1}\n", "runtime.threads=-1 is out of range; allowed: >= 0"),
     ("runtime: {detection: {test_batch_size: 0}}\n", "runtime.detection.test_batch_size=0 is out of range"),
