@@ -8,9 +8,12 @@ import shutil
 import subprocess
 import sys
 
+from typing import Annotated, Literal
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from annotated_types import Ge, Interval, MaxLen
 
 from itl_ray.config import TrialConfig, load_spec, override, parse_overrides, to_dict, trial_id
 from itl_ray.errors import UserError
@@ -336,3 +339,46 @@ def test_the_config_does_not_import_the_data_generator():
     assert "itl_ray.datasets.synthetic" not in loaded and "itl_ray.wordnet" not in loaded
     assert TrialConfig().data.voc2012.endswith("data/mini-shards/voc2012-action")  # prepare's kind as folder
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A section with a field of every kind the validator knows."""
+
+    flag: bool = False
+    word: str = "x"
+    count: Annotated[int, Ge(0)] = 0
+    rate: float = 0.5
+    level: Literal[1, 2, 3] = 1
+    sizes: Annotated[tuple[Annotated[int, Interval(ge=1, le=9)], ...], MaxLen(3)] = (1,)
+    maybe: Annotated[float, Ge(0)] | None = None
+    names: list[str] = dataclasses.field(default_factory=list)
+
+
+def test_the_validator_converts_by_declaration():
+    """The one validator on a section of every kind of field: booleans only from true/false, text
+    stays text, numbers from their YAML 1.2 spellings, choices of any type, bounds on items."""
+    from itl_ray.config import from_dict, read_yaml
+
+    def load(text):
+        return from_dict(Section, read_yaml(text, "test"), "s")
+
+    got = load("{flag: true, word: off, count: '7', rate: 1E3, level: 2, sizes: [3, 9], maybe: ~, names: [yes, 1.10]}")
+    assert got == Section(True, "off", 7, 1000.0, 2, (3, 9), None, ["yes", "1.10"])
+    assert load("{flag: False, rate: -.5, maybe: 2}") == Section(flag=False, rate=-0.5, maybe=2.0)
+    for text, message in (
+        ("{flag: yes}", "s.flag: expected true or false, got 'yes'"),
+        ("{flag: on}", "s.flag: expected true or false, got 'on'"),
+        ("{word: null}", "s.word: expected str (text), got null"),
+        ("{count: 0x10}", "s.count: expected int (a whole number), got '0x10'"),
+        ("{count: -1}", "s.count=-1 is out of range; allowed: >= 0"),
+        ("{rate: .nan}", "s.rate: expected float"),
+        ("{rate: 1_000}", "s.rate: expected float"),
+        ("{level: 4}", "s.level='4' is not one of the choices: 1, 2, 3"),
+        ("{sizes: [1, 2, 3, 4]}", "s.sizes=[1, 2, 3, 4] is out of range; allowed: at most 3 items"),
+        ("{sizes: [0]}", "s.sizes[0]=0 is out of range; allowed: >= 1 and <= 9"),
+        ("{maybe: -1}", "s.maybe=-1.0 is out of range; allowed: >= 0"),
+        ("{names: word}", "s.names: expected a list, got 'word'"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            load(text)
