@@ -24,6 +24,10 @@ plain scalars stay text (only ``null``/``~``/empty is null), and the field's dec
 them: ``1e-3`` is a float where a float is declared, ``off`` stays the string "off", ``no`` given
 to a text field is "no". YAML 1.1's guesses (``on``/``off``/``yes``/``no`` as booleans, ``1e-3`` as
 a string) never apply. ``--set KEY=VALUE`` values are read the same way.
+
+A trial's identity (``trial_id``: its MLflow run, its working folder) is everything but the
+``runtime`` section, which holds what changes speed, not results (each member says why), with
+each prepared dataset named by its content hash instead of its path.
 """
 
 from __future__ import annotations
@@ -45,15 +49,16 @@ import yaml
 from annotated_types import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
 
 from itl_ray.errors import UserError
-from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.models import MIN_RESOLUTION
 from itl_ray.pretrain import PretrainConfig, PretrainRuntime
 from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths, read_info
+from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig, DetectionRuntime
 from itl_ray.transfer.scene import SceneConfig
 
 MINI_PATHS = prepared_paths("data/mini-shards")  # where `make demo` prepares the mini-benchmark
+
 
 @dataclass(frozen=True)
 class DataConfig:
