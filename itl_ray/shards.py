@@ -216,6 +216,12 @@ class Prepared:
             self._boxes[shard] = (starts, values)
             return self._boxes[shard]
 
+    def check_proposals(self) -> None:
+        """Check, before a trial needs them, that every image has its proposals: the same one-line
+        UserErrors as ``proposals`` (it opens each proposals file once, memory-mapped)."""
+        for shard in np.unique(self._shard):
+            self._proposal_column(int(shard))
+
     def proposals(self, row: int) -> np.ndarray:
         """The Selective Search proposals of manifest ``row`` (a prepared VOC 2007 image): float32
         (K, 4), boxes (x1, y1, x2, y2) in 0-based pixel indices of the STORED image with both

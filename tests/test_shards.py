@@ -168,7 +168,10 @@ def test_proposals_of_another_folder_or_none_say_prepare_again(tmp_path):
     again = r"run `itl-ray prepare voc2007 ROOT OUT` again"
     with pytest.raises(UserError, match=r"data.voc2007=.* holds no Selective Search proposals .*" + again):
         Prepared(folder, "voc2007", "data.voc2007").proposals(0)
+    with pytest.raises(UserError, match="holds no Selective Search proposals"):
+        Prepared(folder, "voc2007").check_proposals()
     with_proposals(folder, proposal_boxes(8, seed=5))
+    Prepared(folder, "voc2007").check_proposals()
     assert Prepared(folder, "voc2007").proposals(0).shape[1] == 4
     # Shard 1's proposals replaced by those of other images (other checksums).
     write_proposals(proposals_path(folder, 1), range(5, 8), [f"{i:064x}" for i in range(105, 108)],
@@ -177,6 +180,8 @@ def test_proposals_of_another_folder_or_none_say_prepare_again(tmp_path):
     assert data.proposals(3).shape[1] == 4  # rows of shard 0 still read
     with pytest.raises(UserError, match="holds the proposals of other images than the manifest's; " + again):
         data.proposals(0)
+    with pytest.raises(UserError, match="proposals-00001.arrow holds the proposals of other images"):
+        Prepared(folder, "voc2007").check_proposals()
     proposals_path(folder, 1).unlink()
     with pytest.raises(UserError, match=r"proposals-00001.arrow is missing; " + again):
         Prepared(folder, "voc2007").proposals(1)
