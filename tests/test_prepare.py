@@ -606,3 +606,25 @@ def test_kaggle_layout_from_its_root_or_from_cls_loc(tmp_path):
     message = str(error.value)
     assert f"{cls_loc / 'LOC_val_solution.csv'} or {tmp_path / 'kaggle' / 'LOC_val_solution.csv'}" in message
     assert "ILSVRC2012_devkit_t12" in message and "\n" not in message
+
+
+def test_proposal_options_of_the_command(tmp_path):
+    devkit = write_voc(tmp_path, "2007", {
+        "000001": ((200, 150), (200, 150), voc_object("dog", (20, 20, 120, 110))),
+        "000002": ((200, 150), (200, 150), voc_object("cat", (60, 30, 190, 140))),
+    }, {"trainval": ["000001"], "test": ["000002"]})
+    done = itl_ray("prepare", "voc2007", str(devkit), str(tmp_path / "out"), "--proposal-max-boxes", "5",
+                   "--proposal-min-side", "30", "--proposal-ks", "80")
+    assert done.returncode == 0, done.stderr
+    assert "Selective Search:" in done.stdout and "at IoU 0.5" in done.stdout
+    data = Prepared(tmp_path / "out", "voc2007")
+    for row in range(len(data)):
+        boxes = data.proposals(row)
+        assert 0 < len(boxes) <= 5 and (boxes[:, 2:] - boxes[:, :2] + 1 >= 30).all()
+    settings = json.loads((tmp_path / "out" / "PREPARED.json").read_text())["proposals"]
+    assert (settings["max_boxes"], settings["min_box_side"], settings["ks"]) == (5, 30, [80])
+    assert_one_line_error(itl_ray("prepare", "voc2007", str(devkit), str(tmp_path / "out2"), "--proposal-max-boxes",
+                                  "3000"), "max_boxes must be 1..2000, got 3000")
+    assert_one_line_error(itl_ray("prepare", "sun397", str(devkit), str(tmp_path / "out3"), "--proposal-ks", "50"),
+                          "--proposal-* options apply to voc2007 only, not to sun397")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
