@@ -40,10 +40,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torchvision
+
+if TYPE_CHECKING:  # torch is imported where boxes are compared, so the report's AP needs none of it
+    import torch
 
 # A box in VOC pixel coordinates: (xmin, ymin, xmax, ymax), both corners inclusive.
 Box = tuple[float, float, float, float]
@@ -93,7 +95,7 @@ def _levels(levels: str) -> tuple[float, ...]:
 
 def _array(values, dtype) -> np.ndarray:
     """A 1-d numpy array from a list, a numpy array or a (possibly GPU) tensor."""
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):  # a torch tensor, possibly on a GPU
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=dtype).reshape(-1)
 
@@ -193,6 +195,8 @@ def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
 
     ``torchvision.ops.box_iou`` measures a box as x2 - x1; the boxes are passed to it with one
     pixel added to x2 and y2."""
+    import torchvision
+
     extent = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
     return torchvision.ops.box_iou(boxes + extent, others + extent.to(others.dtype))
 
@@ -218,6 +222,8 @@ def detection_ap(
     overlaps enough is still free. Difficult objects do not count among the positives.
     Returns NaN when the class has no non-difficult object (AP is undefined).
     """
+    import torch
+
     gt_boxes = {image_id: np.array([box for box, _ in objects], dtype=np.float64).reshape(-1, 4)
                 for image_id, objects in ground_truth.items()}
     gt_difficult = {image_id: np.array([difficult for _, difficult in objects], dtype=bool)
