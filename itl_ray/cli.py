@@ -4,6 +4,7 @@ as one line (``--debug`` keeps the traceback)."""
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -50,6 +51,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images")
     prepare.add_argument("--shard-size", type=int, default=1000, help="images per shard file")
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    prepare.add_argument("--proposal-ks", default=None,
+                         help="voc2007: Selective Search segmentation thresholds k, comma-separated (default 50,100)")
+    prepare.add_argument("--proposal-min-side", type=int, default=None,
+                         help="voc2007: drop proposals narrower or lower than this many px (default 20)")
+    prepare.add_argument("--proposal-max-boxes", type=int, default=None,
+                         help="voc2007: proposals kept per image, best first (default and most 2000)")
 
     report = commands.add_parser("report", help="the study's tables, plots, confidence intervals and HTML page from "
                                                 "MLflow")
@@ -165,23 +172,38 @@ def command_synth(args) -> int:
 
 
 def command_prepare(args) -> int:
-    """``itl-ray prepare``: validate a dataset and write its shards, with progress on stderr."""
+    """``itl-ray prepare``: validate a dataset and write its shards (and, for VOC 2007, its
+    Selective Search proposals), with progress on stderr."""
     from itl_ray.prepare import DEFAULT_SHORT_SIDE, PrepareSettings, prepare
+    from itl_ray.proposals import ProposalSettings
     from itl_ray.shards import KINDS
 
     if args.kind not in KINDS:
         raise UserError(f"unknown dataset kind {args.kind!r}; use one of: {', '.join(KINDS)}")
     short_side = DEFAULT_SHORT_SIDE[args.kind] if args.short_side is None else args.short_side
     settings = PrepareSettings(short_side=short_side, quality=args.quality, shard_size=args.shard_size)
+    proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks else None,
+                        "min_box_side": args.proposal_min_side, "max_boxes": args.proposal_max_boxes}
+    proposal_options = {key: value for key, value in proposal_options.items() if value is not None}
+    if proposal_options and args.kind != "voc2007":
+        raise UserError(f"--proposal-* options apply to voc2007 only, not to {args.kind}")
+    proposal_settings = ProposalSettings(**proposal_options) if args.kind == "voc2007" else None
     started = time.time()
 
     def progress(done, total, skipped):
         print(f"\rprepare {args.kind}: {done:,}/{total:,} images, {skipped} skipped, {time.time() - started:.0f} s",
               end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress)
-    print(f"{args.out}: {info['images']:,} {args.kind} images in {info['shards']} shards, {info['skipped']} skipped "
-          f"(listed in {Path(args.out) / 'report.json'})")
+    info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress,
+                   proposal_settings=proposal_settings)
+    line = (f"{args.out}: {info['images']:,} {args.kind} images in {info['shards']} shards, {info['skipped']} skipped "
+            f"(listed in {Path(args.out) / 'report.json'})")
+    if args.kind == "voc2007":
+        proposals = json.loads((Path(args.out) / "report.json").read_text())["proposals"]
+        recall = proposals["recall_iou_0.5"]["all"]["recall"]
+        line += (f"; Selective Search: {proposals['boxes_per_image']['mean']} boxes per image, recall "
+                 f"{'n/a' if recall is None else f'{100 * recall:.1f}%'} at IoU 0.5")
+    print(line)
     return 0
 
 
