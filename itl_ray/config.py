@@ -102,6 +102,7 @@ class SweepSpec:
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
     max_failures: int = 1  # retries of a failed trial
     storage: str = "itl_runs/ray"  # Ray Tune's results and checkpoints
+    description: str = ""  # what the sweep is (its MLflow run's description); default: the spec's header comment
 
     def trials(self) -> list[TrialConfig]:
         """The grid's trials (in grid order), then the extra trials."""
@@ -286,6 +287,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
         else:
             set_dotted(raw, dotted, value)
     sweep_part = {key: raw.pop(key) for key in list(raw) if key in SWEEP_KEYS}
+    sweep_part.setdefault("description", header_comment(spec_path.read_text()))
     trial = from_dict(TrialConfig, raw)
     trial = dataclasses.replace(trial, data=_absolute_paths(trial.data))
     spec = from_dict(SweepSpec, {**sweep_part, "trial": to_dict(trial)})
@@ -294,6 +296,16 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
             raise UserError(f"grid.{dotted}: the list of values is empty")
     spec.trials()  # validates every grid point and extra trial now, naming the bad one
     return spec
+
+
+def header_comment(text: str) -> str:
+    """The comment lines that open a YAML file, without their ``#``, joined by newlines."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return "\n".join(lines).strip()
 
 
 def _absolute_paths(data: DataConfig) -> DataConfig:

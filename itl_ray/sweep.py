@@ -15,19 +15,32 @@ finished epoch and finished transfer stages are skipped (``trial.run_trial``).
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
 sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
+
+The console: the driver prints a progress line of the sweep (trials done, running, pending, time
+left) as trials start, end and report, and each trial's own lines as they come, without Ray's
+log prefixes, de-duplication or colour codes (``quiet_ray``). Ray's storage keeps what
+``--resume`` needs: each trial's latest checkpoint (the working folder: stage results, weights,
+report log, record) and Tune's small state files; Tune's result loggers (JSON, CSV, TensorBoard)
+are off, and pretraining's epoch checkpoint leaves the folder once the weights are saved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.errors import UserError
 from itl_ray.metrics import FINAL_METRICS
+from itl_ray.progress import duration
 
 # Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
 # with a fast input pipeline (25k img/s on one H100), and GPU-hours of the three transfer
@@ -142,6 +155,8 @@ def _trainable(params: dict) -> None:
 
     from itl_ray.trial import run_trial
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per report
+
     params = params["trial"]
     config = from_dict(TrialConfig, params["config"])
     if not config.threads:
@@ -196,6 +211,146 @@ def read_report_log(checkpoint) -> list[dict]:
     return reports
 
 
+def trial_folder_name(name: str, tid: str) -> str:
+    """Tune's folder for a trial: its short name and id, e.g.
+    ``num_classes=10,images_per_class=40-3d41f04249ae`` (characters other than letters, digits
+    and ``=,._-`` become ``_``; at most 100 characters of the name)."""
+    return f"{re.sub(r'[^A-Za-z0-9=,._-]', '_', name)[:100]}-{tid}"
+
+
+def log_trial_record(tracker, run_id: str, checkpoint) -> None:
+    """Upload a trial's record (``trial.RECORD_FILES`` and the ``per_image`` folder) from its
+    checkpoint to its run; only those files are copied from a remote (s3://, gs://) checkpoint."""
+    import pyarrow.fs
+
+    from itl_ray.trial import PER_IMAGE, RECORD_FILES
+
+    if checkpoint.filesystem.type_name == "local":
+        tracker.log_trial_files(run_id, checkpoint.path, RECORD_FILES, (PER_IMAGE,))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name in (*RECORD_FILES, PER_IMAGE):
+            source = f"{checkpoint.path}/{name}"
+            if checkpoint.filesystem.get_file_info(source).type != pyarrow.fs.FileType.NotFound:
+                pyarrow.fs.copy_files(source, f"{folder}/{name}", source_filesystem=checkpoint.filesystem)
+        tracker.log_trial_files(run_id, folder, RECORD_FILES, (PER_IMAGE,))
+
+
+def say(line: str) -> None:
+    """Print a line of the sweep's own output, flushed so that a pipe or log shows it at once.
+    (A module function: Tune pickles its callbacks, and ``print`` itself does not pickle once Ray
+    has started.)"""
+    print(line, flush=True)
+
+
+class SweepProgress:
+    """The sweep's progress line: trials done, running, pending (and failed), time elapsed and an
+    estimate of the time left, printed through ``log`` when a trial starts or ends, and at most
+    every ``every`` seconds while trials report.
+
+    The estimate: finished trials' mean duration m; each running trial needs about m minus its
+    time so far, each pending one m, spread over as many trials as have run at once. Trials run
+    longest first, so it errs long. ``clock``: for tests, a function returning seconds."""
+
+    def __init__(self, name: str, total: int, log=say, every: float = 60.0, clock=time.monotonic):
+        self.name, self.total, self.log, self.every, self.clock = name, total, log, every, clock
+        self.began = clock()
+        self.last_shown = self.began
+        self.started: dict[str, float] = {}  # trial id -> when it started
+        self.durations: dict[str, float] = {}  # finished trials' seconds
+        self.failed: set[str] = set()
+        self.most_at_once = 1
+
+    def running(self) -> list[str]:
+        return [tid for tid in self.started if tid not in self.durations and tid not in self.failed]
+
+    def line(self) -> str:
+        """``sweep NAME: 2/5 trials done, 2 running, 1 pending; 4m10s elapsed, ~6m20s left``."""
+        now = self.clock()
+        running = self.running()
+        done = len(self.durations)
+        pending = self.total - done - len(self.failed) - len(running)
+        text = f"sweep {self.name}: {done}/{self.total} trials done, {len(running)} running, {pending} pending"
+        if self.failed:
+            text += f", {len(self.failed)} failed"
+        text += f"; {duration(now - self.began)} elapsed"
+        if running or pending:
+            if self.durations:
+                mean = sum(self.durations.values()) / len(self.durations)
+                work = sum(max(0.0, mean - (now - self.started[tid])) for tid in running) + pending * mean
+                text += f", ~{duration(work / self.most_at_once)} left"
+            else:
+                text += ", time left known after the first trial"
+        return text
+
+    def show(self) -> None:
+        self.last_shown = self.clock()
+        self.log(self.line())
+
+    def start(self, tid: str) -> None:
+        """A trial started (again, after a retry: its start stays the first one)."""
+        self.started.setdefault(tid, self.clock())
+        self.failed.discard(tid)
+        self.most_at_once = max(self.most_at_once, len(self.running()))
+        self.show()
+
+    def end(self, tid: str, failed: bool = False) -> None:
+        """A trial ended: finished, or failed for good."""
+        start = self.started.setdefault(tid, self.clock())
+        if failed:
+            self.failed.add(tid)
+        else:
+            self.durations[tid] = self.clock() - start
+        self.show()
+
+    def reported(self) -> None:
+        """A trial reported: show the line when ``every`` seconds have passed since the last."""
+        if self.clock() - self.last_shown >= self.every:
+            self.show()
+
+
+def _progress_callback(progress: SweepProgress):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """Feeds Tune's trial events to the sweep's progress line."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.start(trial.config["trial"]["trial_id"])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.reported()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.end(trial.config["trial"]["trial_id"])
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.end(trial.config["trial"]["trial_id"], failed=True)
+
+    return Progress()
+
+
+def quiet_ray(stdout=None) -> None:
+    """Set, unless already set, the environment variables that keep Ray's console output to the
+    trials' own lines; call before ``import ray`` (Ray reads most of them on import):
+    - ``RAY_DEDUP_LOGS=0``: every line of every trial (Ray folds lines that look alike across
+      processes into "[repeated 5x across cluster]", which drops epoch lines);
+    - ``RAY_DISABLE_WORKER_LOG_PREFIX=1``: no "(_trainable pid=...)" before each line (each
+      trial's lines start with its name);
+    - ``RAY_COLOR_PREFIX=0`` when ``stdout`` (default ``sys.stdout``) is not a terminal: no ANSI
+      colour codes in logs and pipes;
+    - ``RAY_AIR_NEW_OUTPUT=0`` and ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: Tune prints no
+      experiment banner or TensorBoard hint and writes no per-trial result files (JSON, CSV,
+      TensorBoard events); the sweep's progress line and MLflow take their place."""
+    stdout = stdout or sys.stdout
+    settings = {"RAY_DEDUP_LOGS": "0", "RAY_DISABLE_WORKER_LOG_PREFIX": "1", "RAY_AIR_NEW_OUTPUT": "0",
+                "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    if not (hasattr(stdout, "isatty") and stdout.isatty()):
+        settings["RAY_COLOR_PREFIX"] = "0"
+    for key, value in settings.items():
+        os.environ.setdefault(key, value)
+
+
 def _mlflow_callback(tracker, parent_run_id: str):
     from ray.tune import Callback
 
@@ -205,6 +360,7 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
         def __init__(self):
             self.runs: dict[str, str] = {}
+            self.recorded: set[str] = set()  # trial ids whose record went to their run
 
         def run_of(self, trial_config: dict) -> str:
             tid, name = trial_config["trial_id"], trial_config["name"]
@@ -217,15 +373,19 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             kind = result.get("itl_kind")
-            if kind in ("params", *CHECKPOINTED):
-                step = int(result["itl_step"]) if kind == "epoch" else None
+            if kind in ("params", "curve", *CHECKPOINTED):
+                step = int(result["itl_step"]) if kind in ("epoch", "curve") else None
                 tracker.record(self.run_of(trial.config["trial"]), kind, result.get("itl_payload") or {}, step)
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
             tracker.set_checkpoint(self.run_of(trial.config["trial"]), checkpoint_uri(checkpoint))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tracker.finish(self.run_of(trial.config["trial"]))
+            run_id = self.run_of(trial.config["trial"])
+            tracker.finish(run_id)  # the run ends when its trial does
+            if trial.checkpoint is not None:
+                log_trial_record(tracker, run_id, trial.checkpoint)
+                self.recorded.add(trial.config["trial"]["trial_id"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tracker.finish(self.run_of(trial.config["trial"]), failed=True)
@@ -244,8 +404,9 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
+def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
     """Run every trial of the sweep through Ray Tune; returns one row per trial with its metrics."""
+    quiet_ray()
     import ray
     from ray import tune
 
@@ -262,6 +423,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     parent = tracker.sweep_run(sid, spec.trial.name, resume)
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),
                                 **{f"grid.{key}": values for key, values in spec.grid.items()}})
+    tracker.describe(parent, spec.description)
     checkpoints = tracker.trial_checkpoints(parent) if resume else {}
     keys = varying_keys(spec)
     trials = [
@@ -273,14 +435,19 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     log(f"sweep {spec.trial.name!r}: {len(trials)} trials ({resumed} from checkpoints); MLflow {tracker.uri}, "
         f"parent run {parent}")
     callback = _mlflow_callback(tracker, parent)
+    progress = SweepProgress(spec.trial.name, len(trials), log)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}),
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials or None,
+            trial_dirname_creator=lambda trial: trial_folder_name(trial.config["trial"]["name"],
+                                                                 trial.config["trial"]["trial_id"]),
+        ),
         run_config=tune.RunConfig(
             name=f"{spec.trial.name}-{parent[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",  # one per driver run
             storage_path=storage_root(spec.storage),
-            callbacks=[callback],
+            callbacks=[callback, _progress_callback(progress)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
@@ -305,6 +472,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
             run_id = callback.run_of(trial)
             for report in read_report_log(latest):
                 tracker.record(run_id, report["kind"], report["payload"] or {}, report["step"])
+            if trial["trial_id"] not in callback.recorded:
+                log_trial_record(tracker, run_id, latest)
             tracker.finish(run_id, failed="error" in row)
     order = {trial["trial_id"]: index for index, trial in enumerate(trials)}
     rows.sort(key=lambda row: order.get(row["trial_id"], len(order)))
