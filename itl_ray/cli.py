@@ -4,6 +4,7 @@ as one line (``--debug`` keeps the traceback)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting of the spec (repeatable; values are YAML; grid.KEY sets a grid "
                             "axis), e.g. --set data.imagenet=/data/ilsvrc2012 (default: none)")
-    sweep.add_argument("--dry-run", action="store_true", help="print the trials and a GPU-hour estimate; run nothing")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the trials by experiment and a GPU-hour estimate; run nothing")
+    sweep.add_argument("--img-per-s", type=float, default=None,
+                       help="--dry-run: training images/s of AlexNet (width 1.0, 224 px) on one GPU (default: the last "
+                            "`itl-ray bench --device cuda` result, else an assumed 25,000)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the latest run of this sweep: finished stages are skipped, no run is added")
 
@@ -130,14 +135,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
     report = _command(
-        commands, "report", "the study's tables and plots from MLflow",
+        commands, "report", "the study's tables, plots, confidence intervals and HTML page from MLflow",
         "Reads the latest sweep of an experiment from the MLflow store (MLFLOW_TRACKING_URI, else\n"
-        "itl_runs/mlflow.db here) and writes the results table (CSV, Markdown) and plots.",
+        "itl_runs/mlflow.db here) and writes report.html with the results tables (CSV, Markdown), the\n"
+        "plots and paired-bootstrap confidence intervals over the test images; the report is also\n"
+        "logged on the sweep's parent run.",
         "  itl-ray report\n"
-        "  itl-ray report --experiment smoke --out itl_runs/report")
+        "  itl-ray report --experiment smoke --out itl_runs/report/smoke --resamples 200")
     report.add_argument("--experiment", default=None,
-                        help="the sweep's name (default: the experiment of the latest sweep in the store)")
-    report.add_argument("--out", default="itl_runs/report", help="folder for results.csv, results.md, transfer.png")
+                        help="the sweep's name, its MLflow experiment (default: the latest sweep's)")
+    report.add_argument("--out", default=None,
+                        help="folder for report.html, tables, plots (default: itl_runs/report/EXPERIMENT)")
+    report.add_argument("--resamples", type=int, default=1000,
+                        help="bootstrap resamples of the test images for the confidence intervals (0: none)")
+    report.add_argument("--no-log", action="store_true", help="do not log the report on the sweep's parent run")
 
     bench = _command(
         commands, "bench", "time the input pipeline + AlexNet training against the torchvision baseline",
@@ -197,7 +208,7 @@ def command_sweep(args) -> int:
 
     spec = load_spec(args.spec, parse_overrides(args.overrides))
     if args.dry_run:
-        print(dry_run(spec))
+        print(dry_run(spec, args.img_per_s))
         return 0
     started = time.time()
     rows = run_sweep(spec, resume=args.resume)
@@ -207,7 +218,8 @@ def command_sweep(args) -> int:
     from itl_ray.tracking import ui_hint
 
     print(f"\n{len(rows)} trials in {duration(time.time() - started)}. Compare them in MLflow's UI:\n"
-          f"  {ui_hint(spec.trial.name)}")
+          f"  {ui_hint(spec.trial.name)}\n"
+          f"Their report: itl-ray report --experiment {shlex.quote(spec.trial.name)}")
     errors = [row for row in rows if "error" in row]
     for row in errors:
         print(f"error: trial {row['name']} failed: {row['error']}", file=sys.stderr)
@@ -288,7 +300,8 @@ def command_report(args) -> int:
     """``itl-ray report``: the study's tables and plots from MLflow."""
     from itl_ray.report import report
 
-    report(args.experiment, args.out)
+    page = report(args.experiment, args.out, resamples=args.resamples, log_to_mlflow=not args.no_log)
+    print(f"open it: {page.resolve().as_uri()}")
     return 0
 
 
@@ -329,6 +342,11 @@ def command_bench(args) -> int:
         given["cpu_decode_shares"] = _numbers(args.cpu_share, float, "--cpu-share")
     settings = dataclasses.replace(settings, **{key: value for key, value in given.items() if value is not None})
     result = run_bench(settings, log=lambda line: print(line, flush=True))
+    from itl_ray.cost import BENCH_RESULT
+    from itl_ray.files import write_json
+
+    BENCH_RESULT.parent.mkdir(parents=True, exist_ok=True)
+    write_json(BENCH_RESULT, result)  # `itl-ray sweep --dry-run` estimates GPU-hours from a CUDA result
     print(json.dumps(result), flush=True)
     return 0
 

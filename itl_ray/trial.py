@@ -47,7 +47,7 @@ Report = Callable[[str, dict, int | None], None]
 RECORD_FILES = ("config.yaml", "label_set.tsv", "subset.tsv", "subset.json")
 PER_IMAGE = "per_image"  # folder of the per-image test scores (Parquet), logged with the run too
 # Config keys recorded under the study's short names (``params``), so each fact is one param.
-SHORT_NAMES = {"name": "experiment", "pretrain.images_per_class": "images_per_class", "pretrain.label_set": "label_set"}
+SHORT_NAMES = {"pretrain.images_per_class": "images_per_class", "pretrain.label_set": "label_set"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -166,18 +166,23 @@ def write_record(config: TrialConfig, inputs: Inputs, folder: Path) -> None:
 
 def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> dict:
     """The trial's params, each fact once: the study's axes under their short names
-    (``experiment``, ``num_classes`` = the classes the network learns to tell apart, i.e. the
-    label set's groups, ``images_per_class``, ``label_set``, ``seed``, ``pretrain_images``,
-    ``subset_hash``), the device it ran on, the identity hashes (``trial_id``,
-    ``label_set_hash``) and every other setting under its dotted key."""
+    (``num_classes``: the classes the network learns to tell apart, i.e. the label set's groups;
+    ``source_classes``: the ImageNet classes the subset draws from, the same number for the fine
+    label set, 1000 for up_down_127; ``images_per_class``, ``label_set``, ``seed``,
+    ``pretrain_images``, ``subset_hash``), the device it ran on, the identity hashes
+    (``trial_id``, ``label_set_hash``) and every other setting under its dotted key. Left out:
+    ``name``, the sweep's name, which is the MLflow experiment itself; ``device``, the setting
+    (``auto``), for the device used; ``pretrain.num_classes``, the classes asked for, which
+    ``source_classes`` resolves."""
     subset, pre = inputs.subset, config.pretrain
     settings = flatten(to_dict(config))
     return {
         **{key: value for key, value in settings.items()
-           if key not in (*SHORT_NAMES, "device", "pretrain.num_classes")},
+           if key not in (*SHORT_NAMES, "name", "device", "pretrain.num_classes")},
         **{short: settings[key] for key, short in SHORT_NAMES.items()},
         "trial_id": trial_id(config),
         "num_classes": len(set(inputs.mapping.values())),
+        "source_classes": len(subset.classes),
         "label_set_hash": label_set_hash(inputs.mapping),
         "subset_hash": subset.subset_hash if pre.images_per_class else "none",
         "pretrain_images": len(inputs.train_rows),

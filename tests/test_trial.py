@@ -55,7 +55,7 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     assert "seconds/trial" in final
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
-    assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine" and params["experiment"] == "tiny"
+    assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
     for duplicate in ("pretrain.num_classes", "pretrain.images_per_class", "pretrain.label_set", "name"):
         assert duplicate not in params  # each fact once, under the study's name
     # Curves: pretraining's after each epoch; each transfer stage's after each of its epochs (1 here).
@@ -140,6 +140,7 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     params = reports[0][1]
     groups = set(label_sets.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
     assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
+    assert params["source_classes"] == 40
     assert len(json.loads((tmp_path / "work" / "subset.json").read_text())["classes"]) == 40
     fine = label_sets.label_set("fine", list(wordnet_classes(mini_paths)))
     from itl_ray.trial import label_set_hash
