@@ -289,7 +289,7 @@ class SweepProgress:
     time so far, each pending one m, spread over as many trials as have run at once. Trials run
     longest first, so it errs long. ``clock``: for tests, a function returning seconds."""
 
-    def __init__(self, name: str, total: int, log=say, every: float = 60.0, clock=time.monotonic):
+    def __init__(self, name: str, total: int, log=say, every: float = 300.0, clock=time.monotonic):
         self.name, self.total, self.log, self.every, self.clock = name, total, log, every, clock
         self.began = clock()
         self.last_shown = self.began

@@ -51,7 +51,6 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
         assert metric in done.stdout
-    assert_console_is_clean(done.stdout + done.stderr)
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in done.stdout
 
     from mlflow.tracking import MlflowClient
@@ -115,7 +114,8 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
             trial_end = (checkpoint / "reports.jsonl").stat().st_mtime
             assert abs(int(run["info"]["end_time"]) / 1000 - trial_end) < 20, (run["info"], trial_end)
             for stage in ("pretrain", "detection", "action", "scene"):  # transfer curves, one series per stage
-                history = rest(base, "metrics/get-history", run_id=run_id, metric_key=f"{stage}/loss")["metrics"]
+                answer = rest(base, "metrics/get-history", run_id=run_id, metric_key=f"{stage}/loss")
+                history = answer.get("metrics", [])  # MLflow leaves the key out when there is none
                 if stage == "pretrain" and run_id == control[0].info.run_id:
                     assert not history  # the control does not pretrain
                     continue
@@ -163,3 +163,58 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     assert float(rows[0]["pretrain_top1_mean"]) == pretrained.data.metrics["pretrain_top1"]
     assert rows[0]["pretrain_top1_n"] == "1"
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "tiny.png").is_file()
+
+    # What the user read while the first sweep ran.
+    assert_console_is_clean(done.stdout + done.stderr)
+
+
+def test_progress_line_counts_trials_and_estimates_the_time_left():
+    from itl_ray.sweep import SweepProgress
+
+    now, lines = [0.0], []
+    progress = SweepProgress("demo", 4, lines.append, every=60, clock=lambda: now[0])
+    progress.start("a")
+    progress.start("b")
+    assert lines[-1] == ("sweep demo: 0/4 trials done, 2 running, 2 pending; 0s elapsed, "
+                         "time left known after the first trial")
+    now[0] = 100.0
+    progress.end("a")  # 100 s a trial; b needs about 0 s more, the 2 pending 100 s each, 2 at a time
+    assert lines[-1] == "sweep demo: 1/4 trials done, 1 running, 2 pending; 1m40s elapsed, ~1m40s left"
+    shown = len(lines)
+    now[0] = 130.0
+    progress.reported()  # within a minute of the last line: nothing
+    assert len(lines) == shown
+    now[0] = 161.0
+    progress.reported()
+    assert len(lines) == shown + 1
+    progress.start("c")
+    progress.end("b", failed=True)
+    assert lines[-1] == "sweep demo: 1/4 trials done, 1 running, 1 pending, 1 failed; 2m41s elapsed, ~1m40s left"
+    for trial in ("c", "d"):
+        progress.start(trial)
+        progress.end(trial)
+    assert lines[-1] == "sweep demo: 3/4 trials done, 0 running, 0 pending, 1 failed; 2m41s elapsed"
+
+
+def test_trial_folders_are_named_after_the_trial():
+    from itl_ray.sweep import trial_folder_name
+
+    assert trial_folder_name("num_classes=10,images_per_class=40", "3d41f04249ae") == (
+        "num_classes=10,images_per_class=40-3d41f04249ae")
+    assert trial_folder_name("label_set=up_down 127/x", "abc") == "label_set=up_down_127_x-abc"
+    assert len(trial_folder_name("x" * 500, "abc")) == 104
+
+
+def test_quiet_ray_keeps_what_the_user_set(monkeypatch):
+    import io
+
+    from itl_ray.sweep import quiet_ray
+
+    for key in ("RAY_DEDUP_LOGS", "RAY_DISABLE_WORKER_LOG_PREFIX", "RAY_AIR_NEW_OUTPUT",
+                "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_COLOR_PREFIX"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_DEDUP_LOGS", "1")
+    quiet_ray(io.StringIO())  # not a terminal
+    assert os.environ["RAY_DEDUP_LOGS"] == "1"  # the user's choice stays
+    assert os.environ["RAY_COLOR_PREFIX"] == "0" and os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+    assert os.environ["RAY_DISABLE_WORKER_LOG_PREFIX"] == "1" and os.environ["RAY_AIR_NEW_OUTPUT"] == "0"
