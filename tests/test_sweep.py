@@ -169,7 +169,7 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
 
 
 def test_progress_line_counts_trials_and_estimates_the_time_left():
-    from itl_ray.sweep import SweepProgress
+    from itl_ray.console import SweepProgress
 
     now, lines = [0.0], []
     progress = SweepProgress("demo", 4, lines.append, every=60, clock=lambda: now[0])
@@ -208,7 +208,7 @@ def test_trial_folders_are_named_after_the_trial():
 def test_quiet_ray_keeps_what_the_user_set(monkeypatch):
     import io
 
-    from itl_ray.sweep import quiet_ray
+    from itl_ray.console import quiet_ray
 
     for key in ("RAY_DEDUP_LOGS", "RAY_DISABLE_WORKER_LOG_PREFIX", "RAY_AIR_NEW_OUTPUT",
                 "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "RAY_COLOR_PREFIX"):
