@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from itl_ray import label_sets, subsets
+from itl_ray import barrier, label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import scene_data
 from itl_ray.datasets.voc import voc_images
@@ -31,6 +31,7 @@ from itl_ray.image_rows import ImageRows
 from itl_ray.metrics import FINAL_METRICS
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, top1
+from itl_ray.seeds import seeded, stage_seed
 from itl_ray.shards import Prepared
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
@@ -130,7 +131,17 @@ def read_inputs(config: TrialConfig) -> Inputs:
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
+    """Run (or finish) one trial in ``workdir``; returns its final metrics in percent.
+
+    Seeds: the subset is drawn from ``config.seed``; each stage gets its own seed,
+    ``seeds.stage_seed(config.seed, stage)`` for "init" (the initial weights), "pretrain" (order,
+    crops, dropout), "detection", "action" and "scene", and runs with torch's global generators seeded
+    from it and restored afterwards (``seeds.seeded``). So no stage depends on the draws of the
+    stages before it, and a trial resumed after any epoch or stage ends with the same numbers as
+    one that ran through (bit-identical on a CPU).
+
+    Fault points (``barrier.reach``, inert unless a test arms them): ``<trial_id>.pretrain-epoch-<N>``
+    after epoch N's report, ``<trial_id>.<stage>-done`` after a transfer stage's report."""
     started = time.time()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -161,9 +172,15 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         "device": device.type,
     }
     report("params", params, None)
+    tid = params["trial_id"]
 
-    torch.manual_seed(config.seed)
-    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        report("epoch", metrics, epoch)
+        barrier.reach(f"{tid}.pretrain-epoch-{epoch}", log)
+
+    pretrain_seed = stage_seed(config.seed, "pretrain")
+    with seeded(stage_seed(config.seed, "init")):  # the initial weights (loaded below when pretrained earlier)
+        model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
     backbone_file = workdir / "backbone.pt"
     labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
@@ -179,10 +196,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
-            result = pretrain(
-                model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
-                workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
-            )
+            with seeded(pretrain_seed):  # dropout; a resumed run restores the generator's state
+                result = pretrain(model, images(inputs.train_rows), images(inputs.val_rows), pre, device,
+                                  pretrain_seed, workdir / "pretrain.pt", on_epoch=on_epoch, log=log)
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
         store.save("pretrain", result)
@@ -190,24 +206,28 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model.to(device)
 
     transfers = {
-        "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
-                                                voc_images(inputs.voc2007, "test"), config.transfer.detection,
-                                                device, config.seed, log=log),
-        "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
-                                          config.transfer.action, device, config.seed, log=log),
-        "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
-                                        config.transfer.scene, device, config.seed, log=log),
+        "detection": lambda seed: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
+                                                     voc_images(inputs.voc2007, "test"), config.transfer.detection,
+                                                     device, seed, log=log),
+        "action": lambda seed: evaluate_action(model, voc_images(inputs.voc2012, "train"),
+                                               voc_images(inputs.voc2012, "val"), config.transfer.action, device,
+                                               seed, log=log),
+        "scene": lambda seed: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
+                                             config.transfer.scene, device, seed, log=log),
     }
     for stage, evaluate in transfers.items():
         if stage in stages:
             log(f"{stage}: done earlier")
             continue
         stage_started = time.time()
-        result = evaluate()
+        seed = stage_seed(config.seed, stage)
+        with seeded(seed):  # whatever the stage draws from torch's global generators
+            result = evaluate(seed)
         result[f"{stage}_seconds"] = time.time() - stage_started
         store.save(stage, result)
         stages = store.load()
         report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
+        barrier.reach(f"{tid}.{stage}-done", log)
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
     final["trial_seconds"] = time.time() - started
