@@ -4,6 +4,7 @@ as one line (``--debug`` keeps the traceback)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     traceback only with ``--debug``), 128 + the signal's number when SIGINT (Ctrl-C: 130) or
     SIGTERM (143) stopped it, after one line on stderr."""
     args = get_args_parser().parse_args(argv)
+    if not args.debug:
+        # MLflow logs a traceback of every database error it then raises (a full or read-only
+        # store); the error reaches the user once, as one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the work as Ctrl-C does
     previous = signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
     try:

@@ -68,7 +68,8 @@ def disk_error(error: BaseException) -> OSError | None:
 def describe_disk_error(error: OSError, where: str | Path = "a file") -> str:
     """``<path>: <reason>`` of a disk error, e.g. ``/data/runs/x: No space left on device``;
     ``where`` stands for the path when the error names none."""
-    return f"{error.filename if error.filename is not None else where}: {error.strerror or error}"
+    reason = os.strerror(error.errno) if error.errno else str(error)  # pyarrow's strerror is a paragraph
+    return f"{error.filename if error.filename is not None else where}: {reason}"
 
 
 def check_writable(folder: str | Path, what: str) -> None:
@@ -95,5 +96,8 @@ def check_writable(folder: str | Path, what: str) -> None:
             with contextlib.suppress(OSError):
                 probe.unlink()
     except OSError as error:
-        raise UserError(f"cannot write {what} {folder}: {describe_disk_error(error, existing)}; free space, make it "
-                        "writable or choose another folder") from None
+        where = Path(error.filename) if error.filename is not None else existing
+        at = "" if where == folder else f" ({where})"
+        remedy = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        raise UserError(f"cannot write {what} {folder}: {error.strerror or error}{at}; {remedy} or choose "
+                        "another folder") from None
