@@ -5,15 +5,18 @@ Ray is an adapter here: the trainable calls ``trial.run_trial`` and forwards its
 trial, found again by its trial id on a retry or resume). ``Tuner``, ``TuneConfig`` and
 ``RunConfig`` are built in ``run_sweep``, in one place.
 
-Where a trial's state lives: the trial works in a node-local folder of its own (``working_folder``:
-under the node's temporary folder, outside Tune's trial directory, which Tune's syncer copies in
-the background and would catch mid-rename) and reports that folder as a Tune checkpoint with every
-epoch, finished stage and final result. ``tune.report`` copies the folder to ``spec.storage`` (a
-local path, or s3:// on a cluster, which every node sees) before it returns, while the trial waits,
-so each checkpoint is a consistent copy. A trial that Tune retries (``FailureConfig``), on this node or another, starts from its
-last checkpoint; ``--resume`` starts each trial from the checkpoint that its MLflow run names (tag
-``itl.checkpoint``, set as each checkpoint arrives). Either way pretraining resumes after its last
-finished epoch and finished transfer stages are skipped (``trial.run_trial``).
+Where a trial's state lives: the trial works in a node-local folder of its own (``working_folder``,
+under the node's temporary folder). It is not Tune's trial directory: on the driver's node that one
+lies inside the experiment folder the driver copies to storage in the background, which caught the
+trial's files mid-rename. The trial reports its folder as a Tune checkpoint with every epoch,
+finished stage and final result; ``tune.report`` copies it to ``spec.storage`` (a local path, or
+s3:// on a cluster, which every node sees) before it returns, while the trial waits, so each
+checkpoint is a consistent copy. A trial that Tune retries (``FailureConfig``), on this node or
+another, starts from its last checkpoint; ``--resume`` starts each trial from the checkpoint that
+its MLflow run names (tag ``itl.checkpoint``, set as each checkpoint arrives). Either way
+pretraining resumes after its last finished epoch and finished transfer stages are skipped
+(``trial.run_trial``). A lost node costs its trials the epoch or stage in flight: the node's worker
+processes exit when its raylet is gone, Tune sees the trial's actor die and retries it elsewhere.
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
 sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
@@ -172,14 +175,14 @@ def alive_node_gpus() -> list[float]:
     return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainable (runs on a worker node)
-# ---------------------------------------------------------------------------------------------
-
 class DiskError(UserError):
     """A disk the sweep must write (storage, the MLflow store, a node's working folder) is full,
     read-only or forbidden: one line naming the path and the reason."""
 
+
+# ---------------------------------------------------------------------------------------------
+# The trainable (runs on a worker node)
+# ---------------------------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:
     try:
