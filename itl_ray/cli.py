@@ -148,6 +148,9 @@ def command_trial(args) -> int:
 
         try:
             final = run_trial(config, workdir, lambda kind, payload, step: tracker.record(run_id, kind, payload, step))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: interrupted, to be continued by running it again
+            tracker.finish(run_id, killed=True)
+            raise
         except BaseException:
             tracker.finish(run_id, failed=True)
             raise
