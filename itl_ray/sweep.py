@@ -453,7 +453,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     import ray
     from ray import tune
 
-    from itl_ray.tracking import Tracker, store_error
+    from itl_ray.tracking import Tracker
     from itl_ray.trial import read_inputs
 
     for config in spec.trials():  # bad data paths or settings fail here, before Ray starts
@@ -484,15 +484,35 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
             interrupted.detail = f"{stopped} running trial(s) stopped, their MLflow runs marked KILLED"
             raise
         except Exception as error:
-            failed = disk_error(error)
-            message = store_error(error, tracker.uri) if failed is None else None
-            if failed is None and message is None:
+            message = disk_cause(error, storage, tracker.uri)
+            if message is None:
                 raise
             stop_sweep(tracker, parent, started_ray, killed=False)
-            if failed is not None:
-                message = f"cannot write {describe_disk_error(failed, storage)}"
             raise DiskError(f"{message}; nothing finished is lost: free space or make it writable, then "
                             "run again with --resume") from None
+
+
+def disk_cause(error: BaseException, storage: str, uri: str) -> str | None:
+    """What a disk has to do with ``error``, the driver's failure, as "cannot write PATH: REASON";
+    None when nothing points to a disk. A disk error or the MLflow store's write error anywhere in
+    the chain of causes names it; else the storage folder and the store are probed again, since a
+    full disk also surfaces as follow-on errors that name no file (a truncated state file read
+    back)."""
+    from itl_ray.tracking import check_writable_store, store_error
+
+    failed = disk_error(error)
+    if failed is not None:
+        return f"cannot write {describe_disk_error(failed, storage)}"
+    message = store_error(error, uri)
+    if message is not None:
+        return message
+    try:
+        if "://" not in storage:
+            check_writable(storage, "the storage folder")
+        check_writable_store(uri)
+    except UserError as probe:
+        return str(probe).split("; ")[0]
+    return None
 
 
 def _fit(spec: SweepSpec, tracker, parent: str, resume: bool, storage: str, signals: StopSignals, log) -> list[dict]:

@@ -186,3 +186,29 @@ def test_an_mlflow_store_disk_that_fills_mid_sweep_stops_it_with_one_line(tmp_pa
     assert again.finish() == 0, again.output[-4000:]
     runs = assert_complete(db, EPOCHS)
     assert {run.info.run_id for run in runs.values()} == {run.info.run_id for run in before.values()}
+
+
+def test_a_driver_failure_is_traced_to_the_disk_behind_it(tmp_path):
+    """The driver's failure names the disk: from a disk error anywhere in its chain, from the
+    store's own write error, or, for a follow-on error that names no file (an EOFError reading back
+    a truncated state file), by probing the storage folder and the store again."""
+    import errno
+
+    from itl_ray.sweep import disk_cause
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "storage"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(storage / "x"))
+        except OSError as full:
+            raise RuntimeError("Trial controller checkpointing failed") from full
+    except RuntimeError as wrapped:
+        assert disk_cause(wrapped, str(storage), uri) == f"cannot write {storage / 'x'}: No space left on device"
+    store_full = RuntimeError("(sqlite3.OperationalError) database or disk is full")
+    assert disk_cause(store_full, str(storage), uri) == f"cannot write the MLflow store {uri}: database or disk is full"
+    assert disk_cause(EOFError("Ran out of input"), str(storage), uri) is None  # both writable: not a disk
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    message = disk_cause(EOFError("Ran out of input"), str(blocker / "storage"), uri)
+    assert message.startswith(f"cannot write the storage folder {blocker / 'storage'}: Not a directory"), message
