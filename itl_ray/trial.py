@@ -23,7 +23,7 @@ import torch
 
 from itl_ray import barrier, label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.sun397 import scene_data
+from itl_ray.datasets.sun397 import partition_rows, scene_data
 from itl_ray.datasets.voc import voc_images
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_json
@@ -43,14 +43,14 @@ Report = Callable[[str, dict, int | None], None]
 
 
 def pick_device(name: str) -> torch.device:
-    """The torch device of the ``device`` setting: auto (CUDA when torch sees a GPU, else the CPU),
-    cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
+    """The torch device of the ``runtime.device`` setting: auto (CUDA when torch sees a GPU, else
+    the CPU), cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda, but torch sees no GPU here; use device=auto or cpu")
+        raise UserError("runtime.device=cuda, but torch sees no GPU here; use runtime.device=auto or cpu")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise UserError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -97,13 +97,18 @@ class Inputs:
     sun397: Prepared
 
 
-# A sweep validates every trial's inputs in one process: open each prepared dataset once.
-_open = functools.lru_cache(maxsize=16)(Prepared)
+@functools.lru_cache(maxsize=16)
+def _open(folder: str, kind: str, setting: str) -> Prepared:
+    """A prepared dataset, opened and its shards checked (``Prepared.verify``) once per process: a
+    sweep validates every trial's inputs in one process."""
+    return Prepared(folder, kind, setting).verify()
 
 
 def read_inputs(config: TrialConfig) -> Inputs:
-    """Open every prepared dataset and choose the subset and the label set, so that a wrong path or
-    an impossible setting fails before any training (the sweep calls this for every trial first)."""
+    """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
+    the label set, and check that the SUN397 partition was prepared, so that a wrong path, a
+    damaged folder or an impossible setting fails before any training (the sweep calls this for
+    every trial first, ``itl-ray trial`` before its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -118,6 +123,8 @@ def read_inputs(config: TrialConfig) -> Inputs:
                             allowed=set(full_mapping))
     chosen = set(subset.classes)
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
+    sun397 = _open(config.data.sun397, "sun397", "data.sun397")
+    partition_rows(sun397, config.data.sun397_partition)
     return Inputs(
         imagenet=imagenet,
         train_rows=train_rows[list(subset.indices)],
@@ -126,7 +133,7 @@ def read_inputs(config: TrialConfig) -> Inputs:
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
         voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
         voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
-        sun397=_open(config.data.sun397, "sun397", "data.sun397"),
+        sun397=sun397,
     )
 
 
@@ -143,9 +150,10 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     Fault points (``barrier.reach``, inert unless a test arms them): ``<trial_id>.pretrain-epoch-<N>``
     after epoch N's report, ``<trial_id>.<stage>-done`` after a transfer stage's report."""
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    runtime = config.runtime
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = pick_device(runtime.device)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
@@ -159,6 +167,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     params = {
         **flatten(to_dict(config)),
         "trial_id": trial_id(config),
+        **{f"data_hash.{setting}": data.content_hash for setting, data in
+           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
+            ("sun397", inputs.sun397))},
         "num_classes": len(groups),
         "source_classes": len(subset.classes),
         "images_per_class": pre.images_per_class,
@@ -193,12 +204,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             return ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
 
         if pre.images_per_class == 0:
-            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
+            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device, runtime.pretrain)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
             with seeded(pretrain_seed):  # dropout; a resumed run restores the generator's state
                 result = pretrain(model, images(inputs.train_rows), images(inputs.val_rows), pre, device,
-                                  pretrain_seed, workdir / "pretrain.pt", on_epoch=on_epoch, log=log)
+                                  pretrain_seed, workdir / "pretrain.pt", on_epoch=on_epoch, log=log,
+                                  runtime=runtime.pretrain)
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
         store.save("pretrain", result)
@@ -208,7 +220,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     transfers = {
         "detection": lambda seed: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
                                                      voc_images(inputs.voc2007, "test"), config.transfer.detection,
-                                                     device, seed, log=log),
+                                                     device, seed, log=log, runtime=runtime.detection),
         "action": lambda seed: evaluate_action(model, voc_images(inputs.voc2012, "train"),
                                                voc_images(inputs.voc2012, "val"), config.transfer.action, device,
                                                seed, log=log),
