@@ -5,7 +5,7 @@ A sweep spec is a YAML mapping with the trial config's sections (``data``, ``mod
 ``resources``, ...). Every key is declared once, here or in the stage module that reads it, as a
 field of a frozen dataclass, with its type, its bounds or choices, and its default::
 
-    lr: Annotated[float, Gt(0)] = 0.01              # bounds: annotated_types Gt/Ge/Lt/Le/Interval
+    lr: Annotated[float, Gt(0)] = 0.01              # bounds: itl_ray.bounds Gt/Ge/Lt/Le/Interval
     shortfall: Literal["take_all", "error"] = "take_all"        # choices
     num_classes: Annotated[int, Ge(1)] | None = None            # null allowed
     window_sizes: Annotated[tuple[Annotated[float, Interval(gt=0, le=1)], ...], MinLen(1)] = (...)
@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from annotated_types import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
+from itl_ray.bounds import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
 
 from itl_ray.errors import UserError
 from itl_ray.models import MIN_RESOLUTION

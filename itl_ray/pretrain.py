@@ -22,7 +22,7 @@ from typing import Annotated, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from annotated_types import Ge, Gt, Interval
+from itl_ray.bounds import Ge, Gt, Interval
 
 from itl_ray.crop_plans import Augment
 from itl_ray.fast_loader import FastLoader, default_workers

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from annotated_types import Ge, Interval, MaxLen
+from itl_ray.bounds import Ge, Interval, MaxLen
 
 from itl_ray.config import TrialConfig, load_spec, override, parse_overrides, to_dict, trial_id
 from itl_ray.errors import UserError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable
 
 import torch
-from annotated_types import Ge
+from itl_ray.bounds import Ge
 
 from itl_ray import metrics
 from itl_ray.datasets.voc import ACTION_CLASSES, VocImage

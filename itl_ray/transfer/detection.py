@@ -58,7 +58,7 @@ from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from annotated_types import Ge, Gt, Interval, MinLen
+from itl_ray.bounds import Ge, Gt, Interval, MinLen
 from torch import nn
 from torchvision.ops import nms, roi_align
 

@@ -13,7 +13,7 @@ from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
-from annotated_types import Ge, Gt, Interval
+from itl_ray.bounds import Ge, Gt, Interval
 
 from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet
