@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
-from itl_ray.errors import UserError
+from itl_ray.errors import Interrupted, UserError
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -218,7 +220,13 @@ def command_sweep(args) -> int:
         print(dry_run(spec, args.img_per_s))
         return 0
     started = time.time()
-    rows = run_sweep(spec, resume=args.resume)
+    try:
+        rows = run_sweep(spec, resume=args.resume)
+    except Interrupted as interrupted:
+        again = shlex.join(["itl-ray", "sweep", args.spec, *(part for item in args.overrides for part in ("--set", item)),
+                            "--resume"])
+        interrupted.detail = "; ".join(filter(None, [interrupted.detail, f"continue with: {again}"]))
+        raise
     print()
     print(results_table(rows))
     from itl_ray.progress import duration
@@ -259,6 +267,9 @@ def command_trial(args) -> int:
 
         try:
             final = run_trial(config, workdir, lambda kind, payload, step: tracker.record(run_id, kind, payload, step))
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: interrupted, to be continued by running it again
+            tracker.finish(run_id, killed=True)
+            raise
         except BaseException:
             tracker.finish(run_id, failed=True)
             raise
@@ -378,10 +389,21 @@ COMMANDS = {"sweep": command_sweep, "trial": command_trial, "synth": command_syn
             "report": command_report, "labels": command_labels, "bench": command_bench}
 
 
+def _terminate(number: int, frame) -> None:
+    raise Interrupted(number)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code: 0, 2 for a UserError (one line on stderr, the
-    traceback only with ``--debug``), 130 when interrupted."""
+    traceback only with ``--debug``), 128 + the signal's number when SIGINT (Ctrl-C: 130) or
+    SIGTERM (143) stopped it, after one line on stderr."""
     args = get_args_parser().parse_args(argv)
+    if not args.debug:
+        # MLflow logs a traceback of every database error it then raises (a full or read-only
+        # store); the error reaches the user once, as one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM ends the work as Ctrl-C does
+    previous = signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
     try:
         return COMMANDS[args.command](args)
     except UserError as error:
@@ -389,9 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished stages are kept, rerun to continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupted:
+        number = getattr(interrupted, "signal_number", signal.SIGINT)
+        detail = getattr(interrupted, "detail", "") or "finished stages are kept, rerun to continue"
+        print(f"interrupted by {signal.Signals(number).name}: {detail}", file=sys.stderr)
+        return 128 + number
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,18 @@ Ray is an adapter here: the trainable calls ``trial.run_trial`` and forwards its
 trial, found again by its trial id on a retry or resume). ``Tuner``, ``TuneConfig`` and
 ``RunConfig`` are built in ``run_sweep``, in one place.
 
-Where a trial's state lives: the trial works in a node-local folder (its Tune trial directory)
-and reports that folder as a Tune checkpoint with every epoch, finished stage and final result.
-Ray copies each checkpoint to ``spec.storage`` (a local path, or s3:// on a cluster), which every
-node sees. A trial that Tune retries (``FailureConfig``), on this node or another, starts from its
-last checkpoint; ``--resume`` starts each trial from the checkpoint that its MLflow run names (tag
-``itl.checkpoint``, set as each checkpoint arrives). Either way pretraining resumes after its last
-finished epoch and finished transfer stages are skipped (``trial.run_trial``).
+Where a trial's state lives: the trial works in a node-local folder of its own (``working_folder``,
+under the node's temporary folder). It is not Tune's trial directory: on the driver's node that one
+lies inside the experiment folder the driver copies to storage in the background, which caught the
+trial's files mid-rename. The trial reports its folder as a Tune checkpoint with every epoch,
+finished stage and final result; ``tune.report`` copies it to ``spec.storage`` (a local path, or
+s3:// on a cluster, which every node sees) before it returns, while the trial waits, so each
+checkpoint is a consistent copy. A trial that Tune retries (``FailureConfig``), on this node or
+another, starts from its last checkpoint; ``--resume`` starts each trial from the checkpoint that
+its MLflow run names (tag ``itl.checkpoint``, set as each checkpoint arrives). Either way
+pretraining resumes after its last finished epoch and finished transfer stages are skipped
+(``trial.run_trial``). A lost node costs its trials the epoch or stage in flight: the node's worker
+processes exit when its raylet is gone, Tune sees the trial's actor die and retries it elsewhere.
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
 sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
@@ -22,6 +27,13 @@ they come, without Ray's log prefixes, de-duplication or colour codes (``console
 ``--resume`` needs: each trial's latest checkpoint (the working folder: stage results, weights,
 report log, record) and Tune's small state files; Tune's result loggers (JSON, CSV, TensorBoard)
 are off, and pretraining's epoch checkpoint leaves the folder once the weights are saved.
+
+Stopping: SIGINT (Ctrl-C) or SIGTERM stops the sweep at the driver loop's next step (a tenth of a
+second; a second signal at once): the running trials' MLflow runs and the sweep's are marked
+KILLED, the Ray instance this driver started is shut down, and ``Interrupted`` reaches the command
+line (exit 130 or 143). A disk that cannot be written (full, read-only) in the driver or a trial
+stops the sweep the same way, with one line naming the path (``DiskError``). Either way ``--resume``
+continues from the checkpoints MLflow names.
 """
 
 from __future__ import annotations
@@ -30,8 +42,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -42,11 +56,13 @@ import yaml
 from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
-from itl_ray.errors import UserError
+from itl_ray.errors import Interrupted, UserError
+from itl_ray.files import check_writable, describe_disk_error, disk_error
 from itl_ray.metrics import FINAL_METRICS
 from itl_ray.console import SweepProgress, quiet_ray, say
 
 REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
+WORK_FOLDERS = "itl_ray_work"  # under each node's temporary folder: one working folder per trial attempt
 CHECKPOINTED = ("epoch", "stage", "final")  # reports that carry the trial's folder as a checkpoint
 # `ray up` writes the cluster's config here on the head node; its node types say how many GPUs
 # a node can have, also before the autoscaler has started one.
@@ -192,9 +208,42 @@ def alive_node_resources(resource: str) -> list[float]:
     return [float(node["Resources"].get(resource, 0)) for node in ray.nodes() if node["Alive"]]
 
 
+class DiskError(UserError):
+    """A disk the sweep must write (storage, the MLflow store, a node's working folder) is full,
+    read-only or forbidden: one line naming the path and the reason."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainable (runs on a worker node)
 # ---------------------------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def working_folder(trial: str) -> Path:
+    """A new, empty node-local folder for one attempt of trial ``trial`` (its trial id):
+    ``<RAY_TMPDIR or the system's temporary folder>/itl_ray_work/<trial>-<pid>``. It lies outside
+    Tune's trial directory, which Tune's syncer copies to storage in the background while the trial
+    renames and deletes files in it. Folders of earlier attempts of the same trial on this node
+    whose process is gone (a killed worker) are removed first."""
+    base = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / WORK_FOLDERS
+    base.mkdir(parents=True, exist_ok=True)
+    for earlier in base.glob(f"{trial}-*"):
+        pid = earlier.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(earlier, ignore_errors=True)
+    folder = base / f"{trial}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
 
 def restore_folder(workdir: Path, checkpoint) -> None:
     """Make ``workdir`` exactly the checkpoint's folder (empty without one): the checkpoint, not
@@ -227,20 +276,37 @@ def _trainable(params: dict) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None and params.get("resume_from"):
         checkpoint = tune.Checkpoint(params["resume_from"])
-    workdir = Path(tune.get_context().get_trial_dir()) / "work"  # node-local
-    restore_folder(workdir, checkpoint)
-    where = f"from checkpoint {checkpoint.path}" if checkpoint is not None else "from scratch"
-    log(f"on node {ray.get_runtime_context().get_node_id()}, starting {where}")
 
     def report(kind: str, payload: dict, step: int | None) -> None:
         with open(workdir / REPORT_LOG, "a") as handle:
             handle.write(json.dumps({"kind": kind, "step": step, "payload": payload}) + "\n")
+        # The copy to storage is made inside tune.report, in this thread: the folder holds still.
         folder = tune.Checkpoint.from_directory(str(workdir)) if kind in CHECKPOINTED else None
-        tune.report({"itl_kind": kind, "itl_step": step if step is not None else -1, "itl_payload": payload},
-                    checkpoint=folder)
+        try:
+            tune.report({"itl_kind": kind, "itl_step": step if step is not None else -1, "itl_payload": payload},
+                        checkpoint=folder)
+        except OSError as error:
+            if error.filename is None:  # pyarrow names no file: it was copying the folder to storage
+                error.filename = params["storage"]
+            raise
 
-    run_trial(config, workdir, report, log)
-    shutil.rmtree(workdir, ignore_errors=True)  # all of it is in the last checkpoint; free this node's disk
+    workdir = None
+    try:
+        workdir = working_folder(params["trial_id"])
+        restore_folder(workdir, checkpoint)
+        where = f"from checkpoint {checkpoint.path}" if checkpoint is not None else "from scratch"
+        log(f"on node {ray.get_runtime_context().get_node_id()}, starting {where}")
+        run_trial(config, workdir, report, log)
+    except OSError as error:
+        if disk_error(error) is None:
+            raise
+        # The driver stops the sweep with this one line (no retry can write a full disk).
+        tune.report({"itl_kind": "disk_error", "itl_step": -1, "itl_payload": {
+            "error": describe_disk_error(disk_error(error), f"the working folder {workdir}")}})
+        raise
+    finally:
+        if workdir is not None:  # all of it is in the last checkpoint; free this node's disk
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,16 +381,72 @@ def _progress_callback(progress: SweepProgress):
     return Progress()
 
 
-def _mlflow_callback(tracker, parent_run_id: str):
+class StopSweep(BaseException):
+    """Carries a reason to stop (``reason``, e.g. a DiskError) out of Tune's loop, past its
+    ``except Exception`` clean-up, to ``run_sweep``."""
+
+    def __init__(self, reason: BaseException):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while the sweep runs: the first is noted and raised as ``Interrupted`` by
+    ``check`` (the driver loop calls it at each step, every tenth of a second); a second one raises
+    at once, wherever the driver is. Also the one place a stop for another reason (a disk that
+    cannot be written) waits to be raised. Installed after ``ray.init`` (it replaces the handlers
+    Ray's driver installs, which end the process with a native stack dump on SIGTERM) and with
+    Tune's own SIGINT handler disabled (``TUNE_DISABLE_SIGINT_HANDLER``); restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.stop: BaseException | None = None  # raised at the next check
+        self._previous: dict = {}
+        self._tune_handler = None
+
+    def __enter__(self) -> "StopSignals":
+        self._tune_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        if self._tune_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._tune_handler
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            raise Interrupted(number)
+        self.received = number
+        self.stop = Interrupted(number)
+
+    def check(self) -> None:
+        """Raise the stop that is waiting, if any."""
+        if self.stop is not None:
+            raise self.stop
+
+
+def _mlflow_callback(tracker, parent_run_id: str, signals: StopSignals | None = None):
     from ray.tune import Callback
 
     class MlflowTrials(Callback):
         """Writes each trial's params and metrics to its one MLflow run, and tags the run with the
-        trial's latest checkpoint (before Tune deletes the one before it)."""
+        trial's latest checkpoint (before Tune deletes the one before it). At each step of the
+        driver loop it raises a waiting stop (a signal, a trial's disk error)."""
 
         def __init__(self):
             self.runs: dict[str, str] = {}
             self.recorded: set[str] = set()  # trial ids whose record went to their run
+
+        def on_step_begin(self, iteration, trials, **info):
+            if signals is not None:
+                signals.check()
 
         def run_of(self, trial_config: dict) -> str:
             tid, name = trial_config["trial_id"], trial_config["name"]
@@ -338,6 +460,11 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             kind = result.get("itl_kind")
+            if kind == "disk_error" and signals is not None and signals.stop is None:
+                name = trial.config["trial"]["name"]
+                signals.stop = StopSweep(DiskError(f"trial {name} cannot write {result['itl_payload']['error']}; "
+                                                   "nothing finished is lost: free space or make it writable, "
+                                                   "then run again with --resume"))
             if kind in ("params", "curve", *CHECKPOINTED):
                 step = int(result["itl_step"]) if kind in ("epoch", "curve") else None
                 tracker.record(self.run_of(trial.config["trial"]), kind, result.get("itl_payload") or {}, step)
@@ -381,8 +508,34 @@ def results_table(rows: list[dict]) -> str:
     return tables.to_text(frame)
 
 
+def stop_sweep(tracker, parent: str | None, started_ray: bool, killed: bool) -> int:
+    """After an interrupted or failed ``fit``: mark the sweep's runs still RUNNING as KILLED (a
+    signal) or FAILED, as far as the MLflow store can still be written, and shut down the Ray
+    instance this driver started (its trials stop with it; on a cluster they stop when this
+    driver disconnects). Returns how many trial runs were stopped."""
+    import ray
+
+    stopped = 0
+    if parent is not None:
+        try:
+            runs = tracker.running_runs(parent)
+            for run_id in runs:
+                tracker.finish(run_id, failed=not killed, killed=killed)
+            stopped = len(runs) - (parent in runs)
+        except Exception:  # noqa: BLE001 - the store itself may be what failed; the checkpoints keep all
+            pass
+    if started_ray:
+        ray.shutdown()
+    return stopped
+
+
 def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
-    """Run every trial of the sweep through Ray Tune; returns one row per trial with its metrics."""
+    """Run every trial of the sweep through Ray Tune; returns one row per trial with its metrics.
+
+    Before Ray starts: every trial's inputs, the storage folder (written to, when local) and the
+    MLflow store (reachable, writable, the experiment not deleted; a resume finds its sweep) are
+    checked. Raises ``Interrupted`` after SIGINT/SIGTERM and ``DiskError`` when a disk cannot be
+    written, both after the sweep's runs are marked and Ray is stopped (``stop_sweep``)."""
     quiet_ray()
     import ray
     from ray import tune
@@ -392,13 +545,69 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
 
     for config in spec.trials():  # bad data paths or settings fail here, before Ray starts
         read_inputs(config)
-    tracker = Tracker(spec.trial.name)  # fails fast on an unreachable server, before any trial
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="ERROR")  # RAY_ADDRESS or `ray start` here: that cluster
-    check_fits("CPU", spec.resources.cpus_per_trial, alive_node_resources("CPU"), node_type_resources("CPU"))
-    check_fits("GPU", spec.resources.gpus_per_trial, alive_node_resources("GPU"), node_type_resources("GPU"))
+    storage = storage_root(spec.storage)
+    if "://" not in storage:
+        check_writable(storage, "the storage folder (setting storage)")
+    # Fails fast on an unreachable server or unwritable store; a resume reads only, and creates
+    # nothing, until it has found its sweep.
+    tracker = Tracker(spec.trial.name, create=not resume)
     sid = sweep_id(spec)
-    parent = tracker.sweep_run(sid, spec.trial.name, resume)
+    if resume:
+        tracker.resumable_sweep(sid, spec.trial.name)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, logging_level="ERROR")  # RAY_ADDRESS or `ray start` here: that cluster
+    parent = None
+    with StopSignals() as signals:
+        try:
+            check_fits("CPU", spec.resources.cpus_per_trial, alive_node_resources("CPU"), node_type_resources("CPU"))
+            check_fits("GPU", spec.resources.gpus_per_trial, alive_node_resources("GPU"), node_type_resources("GPU"))
+            parent = tracker.sweep_run(sid, spec.trial.name, resume)
+            return _fit(spec, tracker, parent, resume, storage, signals, log)
+        except StopSweep as stop:  # a trial's disk error, raised from inside Tune's loop
+            stop_sweep(tracker, parent, started_ray, killed=False)
+            raise stop.reason from None
+        except Interrupted as interrupted:
+            stopped = stop_sweep(tracker, parent, started_ray, killed=True)
+            interrupted.detail = f"{stopped} running trial(s) stopped, their MLflow runs marked KILLED"
+            raise
+        except Exception as error:
+            message = disk_cause(error, storage, tracker.uri)
+            if message is None:
+                raise
+            stop_sweep(tracker, parent, started_ray, killed=False)
+            raise DiskError(f"{message}; nothing finished is lost: free space or make it writable, then "
+                            "run again with --resume") from None
+
+
+def disk_cause(error: BaseException, storage: str, uri: str) -> str | None:
+    """What a disk has to do with ``error``, the driver's failure, as "cannot write PATH: REASON";
+    None when nothing points to a disk. A disk error or the MLflow store's write error anywhere in
+    the chain of causes names it; else the storage folder and the store are probed again, since a
+    full disk also surfaces as follow-on errors that name no file (a truncated state file read
+    back)."""
+    from itl_ray.tracking import check_writable_store, store_error
+
+    failed = disk_error(error)
+    if failed is not None:
+        return f"cannot write {describe_disk_error(failed, storage)}"
+    message = store_error(error, uri)
+    if message is not None:
+        return message
+    try:
+        if "://" not in storage:
+            check_writable(storage, "the storage folder")
+        check_writable_store(uri)
+    except UserError as probe:
+        return str(probe).split("; ")[0]
+    return None
+
+
+def _fit(spec: SweepSpec, tracker, parent: str, resume: bool, storage: str, signals: StopSignals, log) -> list[dict]:
+    """The Tuner's run and the rows of its results (``run_sweep`` has checked everything)."""
+    from ray import tune
+
+    sid = sweep_id(spec)
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),
                                 "experiments": ",".join(spec.experiment_names()), "seeds": spec.seeds,
                                 **{f"grid.{key}": values for key, values in spec.grid.items()}})
@@ -408,7 +617,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
     trials = [
         {"config": to_dict(planned.config), "trial_id": trial_id(planned.config),
          "name": trial_name(planned.config, keys), "cpus": spec.resources.cpus_per_trial,
-         "resume_from": checkpoints.get(trial_id(planned.config)), **trial_labels(planned, keys)}
+         "resume_from": checkpoints.get(trial_id(planned.config)), "storage": storage, **trial_labels(planned, keys)}
         for planned, _ in ordered_plan(spec)
     ]
     tracker.log_plan(parent, [{key: trial[key] for key in ("trial_id", "name", "experiments", "point", "point_id")}
@@ -416,7 +625,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
     resumed = sum(trial["resume_from"] is not None for trial in trials)
     log(f"sweep {spec.trial.name!r}: {len(trials)} trials ({resumed} from checkpoints); MLflow {tracker.uri}, "
         f"parent run {parent}")
-    callback = _mlflow_callback(tracker, parent)
+    callback = _mlflow_callback(tracker, parent, signals)
     progress = SweepProgress(spec.trial.name, len(trials), log)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}),
@@ -428,7 +637,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
         ),
         run_config=tune.RunConfig(
             name=f"{spec.trial.name}-{parent[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",  # one per driver run
-            storage_path=storage_root(spec.storage),
+            storage_path=storage,
             callbacks=[callback, _progress_callback(progress)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -436,6 +645,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
         ),
     )
     grid = tuner.fit()
+    signals.check()  # a signal that came as the last trial ended
     rows, failed = [], False
     for result in grid:
         trial = (result.config or {}).get("trial", {})

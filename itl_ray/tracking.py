@@ -37,6 +37,8 @@ the trial without its seed), and keeps its plan on the parent run (``sweep_plan.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -138,26 +140,130 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     raise UserError(f"MLflow server {uri} did not answer its health check; start it or fix MLFLOW_TRACKING_URI")
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory unless the
+    path after the three slashes is absolute), or None for another kind of store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+
+
+def check_writable_store(uri: str) -> None:
+    """Refuse a sqlite store a writer cannot write, before anything starts: its folder (or the
+    nearest existing parent; sqlite writes its journal there) and the file when it exists must be
+    writable; nothing is left behind. A UserError names the path and the operating system's
+    reason. Other URIs pass unchecked."""
+    from itl_ray.files import check_writable
+
+    store = sqlite_file(uri)
+    if store is None:
+        return
+    check_writable(store.parent, f"the MLflow store's folder (of {uri})")
+    if store.exists():
+        try:
+            with open(store, "r+b"):
+                pass
+        except OSError as error:
+            raise UserError(f"cannot write the MLflow store {store} ({error.strerror}); make it writable "
+                            "or set MLFLOW_TRACKING_URI to another store") from None
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, make: bool = True):
+    """An exclusive lock on ``<store>.lock`` while a process creates or migrates the store (the
+    lock file is made unless ``make`` is false: a reader). Where it cannot be opened (a read-only
+    folder: a store there cannot be migrated either), none is taken."""
+    try:
+        handle = open(store.with_name(store.name + ".lock"), "a" if make else "r")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_client(uri: str, reader: bool = False):
+    """An ``MlflowClient`` on ``uri`` whose store is ready to write. A new sqlite store is created
+    and migrated here, by one process at a time (an exclusive lock on ``<file>.lock``): MLflow
+    creates the tables of a store it finds empty and does so without a lock, so writers opening a
+    fresh store together ran its migrations side by side ("duplicate column name", "table ...
+    already exists"). A store that is complete is only read here (MLflow checks its schema). A
+    ``reader`` waits for a writer's lock but makes no lock file."""
+    from mlflow.tracking import MlflowClient
+
+    store = sqlite_file(uri)
+    if store is None:
+        return MlflowClient(tracking_uri=uri)
+    with _store_lock(store, make=not reader):
+        return MlflowClient(tracking_uri=uri)  # opens the store (once per process): creates and migrates it when new
+
+
+# What sqlite says when it cannot write its file (a full or read-only disk, a forbidden folder).
+STORE_WRITE_FAILURES = ("readonly database", "database or disk is full", "unable to open database file",
+                        "disk i/o error")
+
+
+def store_error(error: BaseException, uri: str) -> str | None:
+    """One line for an error in ``error``'s chain that says the sqlite store cannot be written
+    ("cannot write the MLflow store <uri>: attempt to write a readonly database"), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).lower()
+        for failure in STORE_WRITE_FAILURES:
+            if failure in text:
+                return f"cannot write the MLflow store {uri}: {failure}"
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def deleted_experiment_message(name: str, experiment_id: str, uri: str) -> str:
+    """What to do about a sweep whose experiment was deleted in MLflow (it keeps its name until
+    purged)."""
+    return (f"MLflow experiment {name!r} (id {experiment_id}) in {uri} was deleted; restore it with "
+            f"`MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}`, or purge "
+            f"it for good with `mlflow gc --backend-store-uri {uri} --experiment-ids {experiment_id}`, then run again")
+
+
 class Tracker:
-    """The MLflow side of a sweep or a trial: the experiment ``experiment`` (created when missing)
-    in the store at ``uri`` (default ``tracking_uri()``). Raises UserError when a server URI does
-    not answer. Run ids are MLflow's 32-hex-digit ids."""
+    """The MLflow side of a sweep or a trial: the experiment ``experiment`` in the store at ``uri``
+    (default ``tracking_uri()``). Run ids are MLflow's 32-hex-digit ids.
 
-    def __init__(self, experiment: str, uri: str | None = None):
-        from mlflow.tracking import MlflowClient
+    With ``create`` (a new sweep or trial) a missing store and experiment are created; without it
+    (``--resume``) nothing is: ``experiment_id`` is None when there is no store or experiment to
+    continue. Raises UserError, before anything is written, when a server does not answer, a sqlite
+    store cannot be written, or the experiment was deleted in MLflow (the line says how to restore
+    or purge it)."""
 
-        self.uri = uri or tracking_uri()
-        check_reachable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+    def __init__(self, experiment: str, uri: str | None = None, create: bool = True):
+        self.uri = uri or tracking_uri(create=create)
         self._logged: dict[str, set[tuple[str, int]]] = {}  # run id -> (metric, step) pairs it holds
+        check_reachable(self.uri)
+        store = sqlite_file(self.uri)
+        if not create and store is not None and not store.is_file():
+            self.client, self.experiment_id = None, None  # nothing to continue; nothing made
+            return
+        check_writable_store(self.uri)
+        if store is not None:
+            store.parent.mkdir(parents=True, exist_ok=True)
+        self.client = open_client(self.uri)
+        self.experiment_id = self._experiment(experiment, create)
 
-    def _experiment(self, name: str) -> str:
-        """The id of experiment ``name``, created as a model-training experiment with the saved
-        view ``trials`` when missing; an older one gets the tags it lacks."""
+    def _experiment(self, name: str, create: bool) -> str | None:
+        """The id of experiment ``name``, created (with ``create``; else None) as a model-training
+        experiment with the saved view ``trials`` when missing; an older one gets the tags it lacks.
+        UserError for an experiment deleted in MLflow."""
         tags = {EXPERIMENT_KIND: TRAINING_KIND, f"mlflow.sharedViewState.{VIEW}": _view_state()}
         found = self.client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage != "active":
+            raise UserError(deleted_experiment_message(name, found.experiment_id, self.uri))
         if found is None:
+            if not create:
+                return None
             return self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name),
                                                  tags=tags)
         for key, value in tags.items():
@@ -179,12 +285,20 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
+    def resumable_sweep(self, sweep_id: str, name: str):
+        """The latest sweep run (``mlflow.entities.Run``) with ``sweep_id``, read only; a UserError
+        when there is none (no store, no experiment, or no run of this spec)."""
+        found = None
+        if self.experiment_id is not None:
+            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{ROLE_SWEEP}'")
+        if found is None:
+            raise UserError(f"--resume: no earlier sweep {name!r} with this spec in {self.uri}; run it without --resume")
+        return found
+
     def sweep_run(self, sweep_id: str, name: str, resume: bool) -> str:
         """The parent run: the latest one of this sweep when resuming, else a new one."""
         if resume:
-            found = self._find(f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{ROLE_SWEEP}'")
-            if found is None:
-                raise UserError(f"--resume: no earlier sweep {name!r} with this spec in {self.uri}; run it without --resume")
+            found = self.resumable_sweep(sweep_id, name)
             self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: ROLE_SWEEP, SWEEP_ID: sweep_id})
@@ -295,16 +409,21 @@ class Tracker:
         return {run.data.tags[TRIAL_ID]: run.data.tags[CHECKPOINT] for run in self.trial_runs(parent_run_id)
                 if TRIAL_ID in run.data.tags and CHECKPOINT in run.data.tags}
 
-    def finish(self, run_id: str, failed: bool = False) -> None:
-        """End the run as FINISHED, or FAILED, now; a run that has ended already keeps its end
-        time (a second call changes at most its status). A later ``trial_run`` of the same trial
-        reopens a run that did not finish."""
-        status = "FAILED" if failed else "FINISHED"
+    def finish(self, run_id: str, failed: bool = False, killed: bool = False) -> None:
+        """End the run as FINISHED, FAILED, or KILLED (stopped by a signal, to be resumed), now; a
+        run that has ended already keeps its end time (a second call changes at most its status).
+        A later ``trial_run`` of the same trial reopens a run that did not finish."""
+        status = "KILLED" if killed else "FAILED" if failed else "FINISHED"
         info = self.client.get_run(run_id).info
         if info.status == "RUNNING" or not info.end_time:
             self.client.set_terminated(run_id, status=status)
         elif info.status != status:
             self.client.set_terminated(run_id, status=status, end_time=info.end_time)
+
+    def running_runs(self, parent_run_id: str) -> list[str]:
+        """Ids of the sweep run ``parent_run_id`` and its trial runs that are still RUNNING."""
+        runs = [run.info.run_id for run in self.trial_runs(parent_run_id) if run.info.status == "RUNNING"]
+        return runs + ([parent_run_id] if self.client.get_run(parent_run_id).info.status == "RUNNING" else [])
 
     def trial_runs(self, parent_run_id: str) -> list:
         """The runs (``mlflow.entities.Run``) whose parent is ``parent_run_id``, at most 10,000."""
@@ -378,13 +497,11 @@ class Reader:
     """
 
     def __init__(self, uri: str | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri or tracking_uri(create=False)
         _check_openable(self.uri)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download otherwise
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = open_client(self.uri, reader=True)  # not while a writer creates the store
             self._experiments = {e.name: e for e in self.client.search_experiments()}
         except Exception as error:  # a file that is not an MLflow database, a refused connection
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from itl_ray import label_sets, subsets
+from itl_ray import barrier, label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import partition_rows, scene_data
 from itl_ray.datasets.voc import voc_images
@@ -32,6 +32,7 @@ from itl_ray.image_rows import ImageRows
 from itl_ray.metrics import FINAL_METRICS
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, top1
+from itl_ray.seeds import seeded, stage_seed
 from itl_ray.shards import Prepared
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
@@ -204,7 +205,17 @@ def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> d
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
-    """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
+    """Run (or finish) one trial in ``workdir``; returns its final metrics in percent.
+
+    Seeds: the subset is drawn from ``config.seed``; each stage gets its own seed,
+    ``seeds.stage_seed(config.seed, stage)`` for "init" (the initial weights), "pretrain" (order,
+    crops, dropout), "detection", "action" and "scene", and runs with torch's global generators seeded
+    from it and restored afterwards (``seeds.seeded``). So no stage depends on the draws of the
+    stages before it, and a trial resumed after any epoch or stage ends with the same numbers as
+    one that ran through (bit-identical on a CPU).
+
+    Fault points (``barrier.reach``, inert unless a test arms them): ``<trial_id>.pretrain-epoch-<N>``
+    after epoch N's report, ``<trial_id>.<stage>-done`` after a transfer stage's report."""
     started = time.time()
     runtime = config.runtime
     if runtime.threads:
@@ -222,12 +233,18 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     group_index = {group: i for i, group in enumerate(groups)}
     params = trial_params(config, inputs, device)
     report("params", params, None)
+    tid = params["trial_id"]
 
     def curve(metrics: dict[str, float], step: int) -> None:  # a transfer stage's training curves
         report("curve", metrics, step)
 
-    torch.manual_seed(config.seed)
-    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        report("epoch", metrics, epoch)
+        barrier.reach(f"{tid}.pretrain-epoch-{epoch}", log)
+
+    pretrain_seed = stage_seed(config.seed, "pretrain")
+    with seeded(stage_seed(config.seed, "init")):  # the initial weights (loaded below when pretrained earlier)
+        model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
     backbone_file = workdir / "backbone.pt"
     labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
@@ -244,11 +261,10 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device, runtime.pretrain)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
-            result = pretrain(
-                model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
-                workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
-                runtime=runtime.pretrain,
-            )
+            with seeded(pretrain_seed):  # dropout; a resumed run restores the generator's state
+                result = pretrain(model, images(inputs.train_rows), images(inputs.val_rows), pre, device,
+                                  pretrain_seed, workdir / "pretrain.pt", on_epoch=on_epoch, log=log,
+                                  runtime=runtime.pretrain)
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
         result["seconds/pretrain"] = time.time() - stage_started
@@ -261,24 +277,28 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model.to(device)
 
     transfers = {
-        "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
-                                                voc_images(inputs.voc2007, "test"), config.transfer.detection,
-                                                device, config.seed, log=log, curve=curve, runtime=runtime.detection),
-        "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
-                                          config.transfer.action, device, config.seed, log=log, curve=curve),
-        "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
-                                        config.transfer.scene, device, config.seed, log=log, curve=curve),
+        "detection": lambda seed: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
+                                                     voc_images(inputs.voc2007, "test"), config.transfer.detection,
+                                                     device, seed, log=log, curve=curve, runtime=runtime.detection),
+        "action": lambda seed: evaluate_action(model, voc_images(inputs.voc2012, "train"),
+                                               voc_images(inputs.voc2012, "val"), config.transfer.action, device,
+                                               seed, log=log, curve=curve),
+        "scene": lambda seed: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
+                                             config.transfer.scene, device, seed, log=log, curve=curve),
     }
     for stage, evaluate in transfers.items():
         if stage in stages:
             log(f"{stage}: done earlier")
             continue
         stage_started = time.time()
-        result = evaluate()
+        seed = stage_seed(config.seed, stage)
+        with seeded(seed):  # whatever the stage draws from torch's global generators
+            result = evaluate(seed)
         result[f"seconds/{stage}"] = time.time() - stage_started
         store.save(stage, result)
         stages = store.load()
         report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
+        barrier.reach(f"{tid}.{stage}-done", log)
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
     final["seconds/trial"] = time.time() - started

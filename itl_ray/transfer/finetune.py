@@ -17,6 +17,7 @@ from itl_ray.bounds import Ge, Gt, Interval
 
 from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet
+from itl_ray.seeds import seeded, stage_seed
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,18 @@ def finetune(
     """A copy of ``backbone`` with a new ``num_outputs``-way fc8, trained on uint8 images (NxCxSxS,
     S >= the model's resolution; random crops + flips). ``targets``: class indices, or multi-hot
     floats when ``multi_label``. After each epoch ``curve`` (when given) gets ``<task>/loss`` (the
-    epoch's mean loss) and ``<task>/lr`` (the pretrained layers' rate; fc8's is 10x) at step = epoch."""
+    epoch's mean loss) and ``<task>/lr`` (the pretrained layers' rate; fc8's is 10x) at step = epoch.
+
+    Every random draw comes from ``seed``: the order, crops and flips from a generator seeded with
+    it; the new fc8's initial weights and dropout from torch's global generators, seeded with
+    ``stage_seed(seed, "global")`` for this call and restored when it returns (``seeds.seeded``),
+    so the result depends on nothing drawn before and changes nothing drawn after."""
+    with seeded(stage_seed(seed, "global")):
+        return _finetune(backbone, images, targets, num_outputs, config, device, seed, multi_label, log, task, curve)
+
+
+def _finetune(backbone, images, targets, num_outputs, config, device, seed, multi_label, log, task,
+              curve) -> AlexNet:
     model = copy.deepcopy(backbone)
     model.replace_classifier(num_outputs)
     model.to(device)
