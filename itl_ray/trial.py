@@ -24,7 +24,7 @@ import torch
 from itl_ray import label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import scene_data
-from itl_ray.datasets.voc import voc_images
+from itl_ray.datasets.voc import voc_splits
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_json
 from itl_ray.image_rows import ImageRows
@@ -32,12 +32,14 @@ from itl_ray.metrics import FINAL_METRICS
 from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, top1
 from itl_ray.shards import Prepared
+from itl_ray.transfer import StageOutput
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
 from itl_ray.transfer.scene import evaluate_scene
 
 # report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
-# step = epoch), "stage" (a finished transfer stage's metrics) or "final" (all final metrics).
+# step = epoch), "curve" (a stage's training curves, step = its iteration or epoch), "stage" (a
+# finished transfer stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
 
 
@@ -129,6 +131,28 @@ def read_inputs(config: TrialConfig) -> Inputs:
     )
 
 
+# The trial folder's sub-folder of per-image test scores: ``itl_ray.per_image.FOLDER`` (not imported:
+# that module needs pandas and scipy, which a bare GPU machine running a trial lacks; a test checks
+# the two are equal).
+PER_IMAGE = "per_image"
+
+
+def write_per_image(workdir: Path, output: StageOutput) -> list[Path]:
+    """Write each per-image table of a stage's output to ``<workdir>/per_image/<stem>.parquet``,
+    atomically (``files.atomic_path``); returns the paths written."""
+    import pyarrow.parquet as pq
+
+    folder = workdir / PER_IMAGE
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, table in output.per_image.items():
+        path = folder / f"{stem}.parquet"
+        with atomic_path(path) as temporary:
+            pq.write_table(table, temporary)
+        written.append(path)
+    return written
+
+
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
@@ -189,12 +213,15 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         stages = store.load()
     model.to(device)
 
+    def curve(metrics: dict[str, float], step: int) -> None:
+        report("curve", metrics, step)
+
     transfers = {
-        "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
-                                                voc_images(inputs.voc2007, "test"), config.transfer.detection,
-                                                device, config.seed, log=log),
-        "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
-                                          config.transfer.action, device, config.seed, log=log),
+        "detection": lambda: evaluate_detection(model, voc_splits(inputs.voc2007, "trainval", "test"),
+                                                config.transfer.detection, device, config.seed, log=log,
+                                                curve=curve),
+        "action": lambda: evaluate_action(model, voc_splits(inputs.voc2012, "train", "val"), config.transfer.action,
+                                          device, config.seed, log=log, curve=curve),
         "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
                                         config.transfer.scene, device, config.seed, log=log),
     }
@@ -203,9 +230,14 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             log(f"{stage}: done earlier")
             continue
         stage_started = time.time()
-        result = evaluate()
+        output = evaluate()
+        if isinstance(output, StageOutput):
+            write_per_image(workdir, output)
+            result = dict(output.metrics)
+        else:
+            result = dict(output)
         result[f"{stage}_seconds"] = time.time() - stage_started
-        store.save(stage, result)
+        store.save(stage, result)  # after its per-image tables: a stage marked done has them on disk
         stages = store.load()
         report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
 

@@ -20,7 +20,7 @@ def assert_final_metrics_are_the_stages_results(config, work, final, reports):
     """Each headline metric is what its stage reported; mAPs are the means of their classes' APs;
     pretrain_top1 is the saved backbone's top-1 on the subset's validation images, measured again."""
     stages = [payload for kind, payload, _ in reports if kind == "stage"]
-    for metric, prefix in (("voc07_det_map", "voc07_det_ap_"), ("voc12_act_map", "voc12_act_ap_"),
+    for metric, prefix in (("voc07_det_map", "voc07_det_ap/"), ("voc12_act_map", "voc12_act_ap/"),
                            ("sun397_acc", None)):
         (stage,) = [payload for payload in stages if metric in payload]
         assert final[metric] == stage[metric]
@@ -44,9 +44,31 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     final = run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload, step)),
                       log=lines.append)
     assert_final_metrics_are_the_stages_results(config, tmp_path / "work", final, reports)
-    kinds = [kind for kind, _, _ in reports]
+    kinds = [kind for kind, _, _ in reports if kind != "curve"]
     assert kinds == ["params", "epoch", "epoch", "stage", "stage", "stage", "final"]
-    assert "voc07_det_map" in reports[3][1] and "sun397_acc" in reports[5][1]
+    stage_reports = [payload for kind, payload, _ in reports if kind == "stage"]
+    assert "voc07_det_map" in stage_reports[0] and "sun397_acc" in stage_reports[2]
+    # Training curves of the region-based stages, step = iterations done (12 and 10 here).
+    curves = [(payload, step) for kind, payload, step in reports if kind == "curve"]
+    assert [step for payload, step in curves if "detection/loss" in payload] == [12]
+    assert [step for payload, step in curves if "action/loss" in payload] == [10]
+    # Per-image test scores, as the contract names them, beside the stage results.
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "work" / "per_image"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "voc07_det_detections.parquet", "voc07_det_positives.parquet", "voc12_act_scores.parquet"]
+    assert pq.read_table(folder / "voc07_det_positives.parquet").num_rows == 20 * 24  # classes x test images
+    # The report recomputes each metric from them: with every image once, exactly the logged value.
+    import numpy as np
+
+    from itl_ray import per_image
+    from itl_ray.trial import PER_IMAGE
+
+    assert PER_IMAGE == per_image.FOLDER
+    for metric in ("voc07_det_map", "voc12_act_map"):
+        task = per_image.load_task(metric, folder)
+        assert task.metric(np.ones((1, len(task.images))))[0] == final[metric]
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
@@ -82,7 +104,7 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert reports == ["params", "stage", "stage", "stage", "final"]
+    assert [kind for kind in reports if kind != "curve"] == ["params", "stage", "stage", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -103,7 +125,7 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     base = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
     config = override(base, {"pretrain.label_set": "up_down_9", "pretrain.num_classes": None,
                              "pretrain.images_per_class": 2, "pretrain.epochs": 1,
-                             "transfer.detection.epochs": 0, "transfer.action.epochs": 1, "transfer.scene.epochs": 1})
+                             "transfer.detection.iterations": 0, "transfer.action.iterations": 1, "transfer.scene.epochs": 1})
     reports = []
     run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)), log=lambda l: None)
     params = reports[0][1]
