@@ -20,7 +20,7 @@ from itl_ray.datasets.voc import ACTION_CLASSES, VocImage, VocObject, VocSplit, 
 from itl_ray.errors import UserError
 from itl_ray.models import AlexNet
 from itl_ray.transfer.action import (OTHER, ActionConfig, CropsConfig, action_targets, evaluate_action, person_crops,
-                                     softmax_labels)
+                                     softmax_labels, training_regions)
 from itl_ray.transfer.image_stream import ImageStream
 
 CPU = torch.device("cpu")
@@ -71,7 +71,31 @@ def test_defaults_are_rstar_cnns_primary_region_recipe():
     assert (config.momentum, config.weight_decay) == (0.9, 0.0005)
     assert (config.images_per_batch, config.flip_probability) == (2, 0.5)  # IMS_PER_BATCH, USE_FLIPPED
     assert (config.bias_lr_multiplier, config.bias_decay_multiplier, config.frozen_convs) == (2.0, 0.0, 1)
-    assert config.roi_pool == "max" and config.epochs == 0
+    assert config.roi_pool == "max" and config.epochs == 0 and config.conv_lr_scale == config.head_lr_scale == 1.0
+    assert (config.regions, config.rois_per_batch, config.region_iou) == ("jitter", 30, 0.5)  # BATCH_SIZE, FG_THRESH
+
+
+def test_jittered_training_regions_overlap_their_person_and_take_its_actions():
+    boxes = torch.tensor([[10.0, 20.0, 59.0, 99.0], [120.0, 30.0, 149.0, 89.0]])  # 50 x 80 and 30 x 60 px
+    targets = torch.zeros(2, 10)
+    targets[0, 3], targets[1, 7] = 1.0, 1.0
+    config = ActionConfig()
+    generator = torch.Generator().manual_seed(0)
+    regions, labels = training_regions(boxes, targets, 120, 160, config, generator)
+    assert len(regions) == config.rois_per_batch // config.images_per_batch == 15  # 2 x 16 candidates, 15 kept
+    overlap = metrics.box_iou(regions, boxes)
+    best, owner = overlap.max(dim=1)
+    assert (best >= 0.5).all() and (best < 1).any()  # boxes around the persons, not only the persons
+    assert torch.equal(labels, targets[owner])  # each takes the actions of the person it overlaps most
+    assert (regions[:, :2] >= 0).all() and (regions[:, 2] <= 159).all() and (regions[:, 3] <= 119).all()
+    again, _ = training_regions(boxes, targets, 120, 160, config, torch.Generator().manual_seed(0))
+    assert torch.equal(regions, again)  # drawn from the stage's generator only
+    strict, _ = training_regions(boxes, targets, 120, 160, ActionConfig(region_iou=0.9), generator)
+    assert (metrics.box_iou(strict, boxes).max(dim=1).values >= 0.9).all()
+    given, given_labels = training_regions(boxes, targets, 120, 160, ActionConfig(regions="box"), generator)
+    assert torch.equal(given, boxes) and torch.equal(given_labels, targets)
+    none, no_labels = training_regions(torch.zeros(0, 4), torch.zeros(0, 10), 120, 160, config, generator)
+    assert none.shape == (0, 4) and no_labels.shape == (0, 10)
 
 
 def test_softmax_labels_take_the_first_action_or_other():

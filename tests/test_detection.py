@@ -150,7 +150,7 @@ def test_defaults_are_fast_rcnns_caffenet_recipe():
     assert (config.iterations, config.lr_step, config.epochs) == (40000, 30000, 0)  # --iters; stepsize
     assert (config.lr, config.momentum, config.weight_decay) == (0.001, 0.9, 0.0005)  # solver.prototxt
     assert (config.bias_lr_multiplier, config.bias_decay_multiplier) == (2.0, 0.0)  # train.prototxt biases
-    assert config.frozen_convs == 1 and config.conv_lr_scale == 1.0  # conv1 lr_mult 0
+    assert config.frozen_convs == 1 and config.conv_lr_scale == config.head_lr_scale == 1.0  # conv1 lr_mult 0
     assert (config.images_per_batch, config.rois_per_batch, config.rois_per_image) == (2, 128, 64)
     assert (config.fg_fraction, config.fg_iou, config.bg_iou_low, config.bg_iou_high) == (0.25, 0.5, 0.1, 0.5)
     assert config.flip_probability == 0.5 and config.train_difficult is True

@@ -85,14 +85,16 @@ def test_caffe_sgd_multipliers_and_frozen_conv1():
     head = torch.nn.Linear(network.embed_dim, 3)
     model = torch.nn.ModuleDict({"network": network, "head": head})
     conv_ids = {id(p) for conv in network.convs for p in conv.parameters()}
-    recipe = RegionRecipe(lr=0.001, weight_decay=0.0005, conv_lr_scale=0.5)
-    optimizer = caffe_sgd(model, conv_ids, recipe)
+    recipe = RegionRecipe(lr=0.001, weight_decay=0.0005, conv_lr_scale=0.5, head_lr_scale=10)
+    optimizer = caffe_sgd(model, conv_ids, {id(p) for p in head.parameters()}, recipe)
     set_lr(optimizer, 0.001)
     groups = {(group["lr"], group["weight_decay"]): {id(p) for p in group["params"]} for group in optimizer.param_groups}
     conv1 = network.convs[0]
     assert all(not p.requires_grad for p in conv1.parameters())
     assert not any(id(p) in ids for ids in groups.values() for p in conv1.parameters())
-    assert id(head.weight) in groups[(0.001, 0.0005)] and id(head.bias) in groups[(0.002, 0.0)]
+    assert id(head.weight) in groups[(0.01, 0.0005)] and id(head.bias) in groups[(0.02, 0.0)]
+    fc7 = network.embed[5]
+    assert id(fc7.weight) in groups[(0.001, 0.0005)] and id(fc7.bias) in groups[(0.002, 0.0)]
     conv2 = network.convs[1]
     assert id(conv2.weight) in groups[(0.0005, 0.0005)] and id(conv2.bias) in groups[(0.001, 0.0)]
     assert all(group["momentum"] == 0.9 for group in optimizer.param_groups)

@@ -15,8 +15,9 @@ scored on those of val. ``evaluate_action`` (``model: rstar_primary``, the defau
    ``other`` when it has none of the ten. A person's score for an action is that action's softmax
    probability (lib/fast_rcnn/test_vanilla.py writes ``cls_prob``). Setting ``head: binary``
    trains ten per-action logistic outputs instead (a person may have several actions).
-3. Training (R*CNN's solver and config, from Fast R-CNN's): SGD steps on 2 images each, all their
-   persons (flipped with the image at random), the learning rate divided by 10 once; conv1 frozen,
+3. Training (R*CNN's solver and config, from Fast R-CNN's): SGD steps on 2 images each (flipped at
+   random), up to 15 regions per image that overlap one of its person boxes by IoU >= 0.5 (each
+   labelled with that person's action), the learning rate divided by 10 once; conv1 frozen,
    biases at twice the rate and without decay, as in Fast R-CNN's CaffeNet.
 4. Test: every val person; per action, VOC 2012's AP (area under the precision envelope, the
    devkit's VOCevalaction) over all persons, mean over the actions that have a positive.
@@ -36,6 +37,9 @@ lr, lr_step                0.0001, / 10 at 30,000  RstarCNN models/VGG16/solver.
                                                   ``gamma: 0.1``
 momentum, weight_decay     0.9, 0.0005            the same solver.prototxt
 images_per_batch           2                      RstarCNN config.py ``TRAIN.IMS_PER_BATCH`` (49)
+rois_per_batch             30 (15 per image)      config.py ``TRAIN.BATCH_SIZE`` (52), all foreground:
+region_iou                 0.5                    ``TRAIN.FG_FRACTION = 1`` (55), ``TRAIN.FG_THRESH``
+                                                  (58); lib/data_layer/minibatch.py ``_sample_rois``
 flip_probability           0.5                    config.py ``TRAIN.USE_FLIPPED`` (73)
 bias multipliers           lr 2, decay 0          models/VGG16/train.prototxt (every trained layer)
 frozen_convs               1 (conv1)              Fast R-CNN's CaffeNet train.prototxt (R*CNN's VGG16
@@ -45,12 +49,15 @@ head                       softmax, 11-way        pascal_voc.py ``_classes``; tr
 (new layer)                N(0, 0.01), bias 0     train.prototxt ``cls_score`` fillers, on fc7
 =========================  =====================  =================================================
 
-**Assumptions**: R*CNN's data layer also trains on Selective Search regions overlapping a person
-box by IoU >= 0.5 (up to 15 per image, lib/data_layer/minibatch.py, ``TRAIN.BATCH_SIZE: 30``,
-``FG_FRACTION: 1``); VOC 2012 action proposals are not prepared here, so only the given person
-boxes are trained on. ``model: crops`` keeps the earlier model: each person box enlarged by
-``crops.context``, cropped and resized to the backbone's input, the whole network fine-tuned as a
-multi-label classifier (``finetune.finetune``); it holds every person crop in memory.
+**Assumptions**: R*CNN draws its training regions from the person boxes and the Selective Search
+boxes that overlap them by IoU >= 0.5; VOC 2012 action proposals are not prepared here, so the
+regions around each person are drawn at random instead (``regions: jitter``, see
+``training_regions``: centre moved by up to a quarter of the box, sides scaled by 0.7-1.4, kept
+at IoU >= 0.5); ``regions: box`` trains on the given boxes alone. ``model: crops`` keeps the
+earlier model: each person box enlarged by ``crops.context``, cropped and resized to the
+backbone's input, the whole network fine-tuned as a multi-label classifier
+(``finetune.finetune``); it holds every person crop in memory. ``conv_lr_scale`` and
+``head_lr_scale`` multiply the convolutions' and the new classifier's rates (1 in the recipe).
 
 Outputs: ``voc12_act_map`` and ``voc12_act_ap/<action>`` in percent, and the per-image table
 ``voc12_act_scores`` (one row per val person and action: image id, person index within the
@@ -215,7 +222,7 @@ def _train(model: PrimaryRegion, train: VocSplit, usable: list[int], config: Act
            device: torch.device, workers: int, log, curve: Curve) -> None:
     generator = child_generator(seed, 2)  # region sampling (0: the new layer, 1: the image order)
     conv_ids = {id(p) for conv in model.network.convs for p in conv.parameters()}
-    optimizer = caffe_sgd(model, conv_ids, config)
+    optimizer = caffe_sgd(model, conv_ids, {id(p) for p in model.classifier.parameters()}, config)
     per_batch = min(config.images_per_batch, len(usable))
     order = training_plan(usable, plan, config.images_per_batch, config.flip_probability, child_generator(seed, 1))
     progress = Progress("action: train", plan.iterations, unit="it", log=log)

@@ -78,11 +78,13 @@ Steps:
    image's VOC coordinates and ``itl_ray.metrics`` matches them to the ground truth (difficult
    objects ignored) and scores each class.
 
-What the rest of the recipe stays as settings: ``proposals: sliding_window`` (dense windows, for
-images too small for Selective Search), ``roi_pool: align``, ``epochs`` (count training in passes
-over trainval), ``conv_lr_scale``, ``box_normalisation: fixed`` (py-faster-rcnn's
-``BBOX_NORMALIZE_STDS`` 0.1, 0.1, 0.2, 0.2, means 0), ``train_difficult: false`` (py-faster-rcnn's
-``use_diff: False``). The mini-benchmark's values are in sweeps/smoke.yaml.
+Settings beside the recipe (each defaults to the recipe's choice): ``proposals: sliding_window``
+(dense windows, for images too small for Selective Search), ``roi_pool: align``, ``epochs`` (count
+training in passes over trainval), ``conv_lr_scale`` and ``head_lr_scale`` (multipliers of the
+convolutions' and the new layers' rates, 1 in the recipe), ``box_normalisation: fixed``
+(py-faster-rcnn's ``BBOX_NORMALIZE_STDS`` 0.1, 0.1, 0.2, 0.2, means 0), ``train_difficult: false``
+(py-faster-rcnn's ``use_diff: False``). What the mini-benchmark sets differently is in
+sweeps/smoke.yaml, with the reason beside each value.
 
 Outputs: ``voc07_det_map`` and ``voc07_det_ap/<class>`` in percent (a class without a non-difficult
 test object has no AP: it is named in the log and left out of the mean), and the per-image tables
@@ -448,7 +450,8 @@ def _train(model: FastRCNN, train: VocSplit, regions: TrainingRegions, config: D
            seed: int, device: torch.device, workers: int, log, curve: Curve) -> None:
     generator = child_generator(seed, 2)  # region sampling (0: the new layers, 1: the image order)
     conv_ids = {id(p) for conv in model.network.convs for p in conv.parameters()}
-    optimizer = caffe_sgd(model, conv_ids, config)
+    head_ids = {id(p) for layer in (model.classifier, model.box_regressor) for p in layer.parameters()}
+    optimizer = caffe_sgd(model, conv_ids, head_ids, config)
     per_batch = min(config.images_per_batch, len(regions.usable))
     order = training_plan(regions.usable, plan, config.images_per_batch, config.flip_probability,
                           child_generator(seed, 1))

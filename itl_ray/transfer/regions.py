@@ -63,6 +63,7 @@ class RegionRecipe:
     bias_decay_multiplier: float = 0.0  # and decay this much (prototxt: decay_mult 0)
     frozen_convs: int = 1  # conv1..conv<k> are not trained (prototxt: lr_mult 0 on conv1)
     conv_lr_scale: float = 1.0  # multiplier of the trained convolutions' learning rate
+    head_lr_scale: float = 1.0  # multiplier of the new layers' learning rate (Fast R-CNN, R*CNN: 1)
     flip_probability: float = 0.5  # random horizontal flip of each training image
     roi_pool: str = "max"  # max (RoI max pooling) or align (RoI Align + 2x2 max)
 
@@ -82,7 +83,8 @@ class RegionRecipe:
             raise UserError(f"{path}.epochs must be 0 (count iterations) or more, got {self.epochs}")
         if not self.lr > 0:
             raise UserError(f"{path}.lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "bias_lr_multiplier", "bias_decay_multiplier", "conv_lr_scale"):
+        for name in ("weight_decay", "bias_lr_multiplier", "bias_decay_multiplier", "conv_lr_scale",
+                     "head_lr_scale"):
             if getattr(self, name) < 0:
                 raise UserError(f"{path}.{name} must be 0 or more, got {getattr(self, name)}")
         if not 0 <= self.frozen_convs <= 5:
@@ -191,20 +193,23 @@ class RegionNetwork(nn.Module):
                 parameter.requires_grad_(False)
 
 
-def caffe_sgd(model: nn.Module, conv_parameters: set[int], recipe: RegionRecipe) -> torch.optim.SGD:
+def caffe_sgd(model: nn.Module, conv_parameters: set[int], head_parameters: set[int],
+              recipe: RegionRecipe) -> torch.optim.SGD:
     """SGD over ``model``'s trainable parameters with Caffe's per-parameter multipliers: weights at
     the base rate and full weight decay, biases at ``bias_lr_multiplier`` x the rate and
     ``bias_decay_multiplier`` x the decay (the prototxt's lr_mult 1/2, decay_mult 1/0), convolution
-    parameters (ids in ``conv_parameters``) at ``conv_lr_scale`` x. Each group's ``lr_mult`` is
-    applied by ``set_lr``. (PyTorch's momentum applies the rate after the velocity, Caffe's
-    before; the two differ only for a few iterations after the rate changes.)"""
+    parameters (ids in ``conv_parameters``) at ``conv_lr_scale`` x, the new layers' (ids in
+    ``head_parameters``) at ``head_lr_scale`` x. Each group's ``lr_mult`` is applied by ``set_lr``.
+    (PyTorch's momentum applies the rate after the velocity, Caffe's before; the two differ only
+    for a few iterations after the rate changes.)"""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
         bias = parameter.ndim == 1
         lr_mult = (recipe.bias_lr_multiplier if bias else 1.0) * (
-            recipe.conv_lr_scale if id(parameter) in conv_parameters else 1.0)
+            recipe.conv_lr_scale if id(parameter) in conv_parameters else 1.0) * (
+            recipe.head_lr_scale if id(parameter) in head_parameters else 1.0)
         decay = recipe.weight_decay * (recipe.bias_decay_multiplier if bias else 1.0)
         groups.setdefault((lr_mult, decay), []).append(parameter)
     return torch.optim.SGD([{"params": params, "lr_mult": lr_mult, "weight_decay": decay}
