@@ -154,7 +154,7 @@ def detection_run(args) -> dict:
     (and the smoke mode's smaller network and images); in this process (``detection`` calls it in a
     fresh one, for a clean memory figure)."""
     from itl_ray.models import AlexNet
-    from itl_ray.transfer.detection import DetectionConfig, evaluate_detection
+    from itl_ray.transfer.detection import DetectionConfig, DetectionRuntime, evaluate_detection
 
     device, iterations, test_images = args.device, args.iterations, args.test_images
     if args.threads:
@@ -193,7 +193,8 @@ def detection_run(args) -> dict:
         "threads": torch.get_num_threads(), "proposals": proposals, "trainval_images": len(data.train),
         "network": f"AlexNet width {args.width} at {args.resolution} px, images {args.image_size}/{args.max_size} px",
         "iterations": iterations, "train_it_s": round(train_rate, 3), "test_images": test_images,
-        "test_images_s": round(test_rate, 3), "stage_seconds": round(total, 1),
+        "test_images_s": round(test_rate, 3), "test_batch_size": DetectionRuntime().test_batch_size,
+        "stage_seconds": round(total, 1),
         "rss_before_stage_gib": round(before, 3), "peak_rss_gib": round(peak_rss_gib(), 3),
         "map_note": "random backbone, short schedule: the mAP is not a result",
         "voc07_det_map": round(output.metrics["voc07_det_map"], 2),

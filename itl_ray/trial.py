@@ -23,7 +23,7 @@ import torch
 
 from itl_ray import label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.sun397 import scene_data
+from itl_ray.datasets.sun397 import partition_rows, scene_data
 from itl_ray.datasets.voc import voc_splits
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_json
@@ -44,14 +44,14 @@ Report = Callable[[str, dict, int | None], None]
 
 
 def pick_device(name: str) -> torch.device:
-    """The torch device of the ``device`` setting: auto (CUDA when torch sees a GPU, else the CPU),
-    cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
+    """The torch device of the ``runtime.device`` setting: auto (CUDA when torch sees a GPU, else
+    the CPU), cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda, but torch sees no GPU here; use device=auto or cpu")
+        raise UserError("runtime.device=cuda, but torch sees no GPU here; use runtime.device=auto or cpu")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise UserError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -98,13 +98,18 @@ class Inputs:
     sun397: Prepared
 
 
-# A sweep validates every trial's inputs in one process: open each prepared dataset once.
-_open = functools.lru_cache(maxsize=16)(Prepared)
+@functools.lru_cache(maxsize=16)
+def _open(folder: str, kind: str, setting: str) -> Prepared:
+    """A prepared dataset, opened and its shards checked (``Prepared.verify``) once per process: a
+    sweep validates every trial's inputs in one process."""
+    return Prepared(folder, kind, setting).verify()
 
 
 def read_inputs(config: TrialConfig) -> Inputs:
-    """Open every prepared dataset and choose the subset and the label set, so that a wrong path or
-    an impossible setting fails before any training (the sweep calls this for every trial first)."""
+    """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
+    the label set, and check that the SUN397 partition was prepared, so that a wrong path, a
+    damaged folder or an impossible setting fails before any training (the sweep calls this for
+    every trial first, ``itl-ray trial`` before its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -119,6 +124,8 @@ def read_inputs(config: TrialConfig) -> Inputs:
                             allowed=set(full_mapping))
     chosen = set(subset.classes)
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
+    sun397 = _open(config.data.sun397, "sun397", "data.sun397")
+    partition_rows(sun397, config.data.sun397_partition)
     return Inputs(
         imagenet=imagenet,
         train_rows=train_rows[list(subset.indices)],
@@ -127,7 +134,7 @@ def read_inputs(config: TrialConfig) -> Inputs:
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
         voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
         voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
-        sun397=_open(config.data.sun397, "sun397", "data.sun397"),
+        sun397=sun397,
     )
 
 
@@ -156,9 +163,10 @@ def write_per_image(workdir: Path, output: StageOutput) -> list[Path]:
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    runtime = config.runtime
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = pick_device(runtime.device)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
@@ -172,6 +180,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     params = {
         **flatten(to_dict(config)),
         "trial_id": trial_id(config),
+        **{f"data_hash.{setting}": data.content_hash for setting, data in
+           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
+            ("sun397", inputs.sun397))},
         "num_classes": len(groups),
         "source_classes": len(subset.classes),
         "images_per_class": pre.images_per_class,
@@ -200,12 +211,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             return ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
 
         if pre.images_per_class == 0:
-            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
+            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device, runtime.pretrain)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
             result = pretrain(
                 model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
                 workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
+                runtime=runtime.pretrain,
             )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
@@ -219,9 +231,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     transfers = {
         "detection": lambda: evaluate_detection(model, voc_splits(inputs.voc2007, "trainval", "test"),
                                                 config.transfer.detection, device, config.seed, log=log,
-                                                curve=curve),
+                                                curve=curve, runtime=runtime.detection),
         "action": lambda: evaluate_action(model, voc_splits(inputs.voc2012, "train", "val"), config.transfer.action,
-                                          device, config.seed, log=log, curve=curve),
+                                          device, config.seed, log=log, curve=curve, runtime=runtime.action),
         "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
                                         config.transfer.scene, device, config.seed, log=log),
     }

@@ -19,7 +19,7 @@ from itl_ray import metrics
 from itl_ray.datasets.voc import ACTION_CLASSES, VocImage, VocObject, VocSplit, VocSplits
 from itl_ray.errors import UserError
 from itl_ray.models import AlexNet
-from itl_ray.transfer.action import (OTHER, ActionConfig, CropsConfig, action_targets, evaluate_action, person_crops,
+from itl_ray.transfer.action import (OTHER, ActionConfig, ActionRuntime, CropsConfig, action_targets, evaluate_action, person_crops,
                                      softmax_labels, training_regions)
 from itl_ray.transfer.image_stream import ImageStream
 
@@ -161,7 +161,8 @@ def test_same_seed_same_result_other_seed_other_result():
             .per_image["voc12_act_scores"].column("score").to_pylist() for seed in (3, 3, 4)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     # The number of decoding threads changes nothing.
-    more = evaluate_action(backbone(), VocSplits(train, val), config, CPU, seed=3, log=lambda line: None, workers=3)
+    more = evaluate_action(backbone(), VocSplits(train, val), config, CPU, seed=3, log=lambda line: None,
+                           runtime=ActionRuntime(workers=3))
     assert more.per_image["voc12_act_scores"].column("score").to_pylist() == runs[0]
 
 
@@ -193,12 +194,21 @@ def test_a_split_without_persons_is_a_user_error():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(UserError, match=r"transfer\.action\.model"):
-        ActionConfig(model="context").validate("transfer.action")
-    with pytest.raises(UserError, match=r"transfer\.action\.head"):
-        ActionConfig(head="ranking").validate("transfer.action")
-    with pytest.raises(UserError, match=r"transfer\.action\.crops\.context"):
-        ActionConfig(crops=CropsConfig(context=0.5)).validate("transfer.action")
+    """Bounds and choices declared on the fields, checked by the config's one validator; the rule
+    between fields by ActionConfig.check."""
+    from itl_ray.config import validate
+
+    assert validate(ActionConfig(), "transfer.action") == ActionConfig()
+    for config, message in (
+        (ActionConfig(model="context"), r"transfer\.action\.model='context' is not one of the choices: rstar_primary, crops"),
+        (ActionConfig(head="ranking"), r"transfer\.action\.head='ranking' is not one of the choices: softmax, binary"),
+        (ActionConfig(regions="proposals"), r"transfer\.action\.regions='proposals' is not one of the choices"),
+        (ActionConfig(crops=CropsConfig(context=0.5)), r"transfer\.action\.crops\.context=0\.5 is out of range; allowed: >= 1"),
+        (ActionConfig(region_iou=0.0), r"transfer\.action\.region_iou=0\.0 is out of range; allowed: > 0 and <= 1"),
+        (ActionConfig(rois_per_batch=31), r"transfer\.action: rois_per_batch \(31\) must be a multiple of images_per_batch \(2\)"),
+    ):
+        with pytest.raises(UserError, match=message):
+            validate(config, "transfer.action")
 
 
 def test_images_are_read_a_few_at_a_time_however_large_the_split(monkeypatch):
@@ -223,7 +233,8 @@ def test_images_are_read_a_few_at_a_time_however_large_the_split(monkeypatch):
         seen.update(decoded=0, peak=0)
         train, val = persons(count, seed=0), persons(count, seed=1)
         config = ActionConfig(**{**EASY, "epochs": 1})  # one pass over train, then every val image
-        evaluate_action(backbone(), VocSplits(train, val), config, CPU, seed=0, log=lambda line: None, workers=1)
+        evaluate_action(backbone(), VocSplits(train, val), config, CPU, seed=0, log=lambda line: None,
+                        runtime=ActionRuntime(workers=1))
         results.append(dict(seen))
     assert [result["decoded"] for result in results] == [8 + 8, 80 + 80]
     # Never more than the reader's look-ahead (4 with one worker) plus the batch in use (2).

@@ -20,7 +20,7 @@ from itl_ray.datasets.voc import VOC_CLASSES, VocSplit, VocSplits, voc_images, v
 from itl_ray.errors import UserError
 from itl_ray.metrics import box_iou, mean_ap, ranked_detection_ap
 from itl_ray.models import AlexNet
-from itl_ray.transfer.detection import (DetectionConfig, decode_boxes, detect_in_image, encode_boxes,
+from itl_ray.transfer.detection import (DetectionConfig, DetectionRuntime, decode_boxes, detect_in_image, encode_boxes,
                                         evaluate_detection, sample_rois, sliding_window_proposals, training_regions)
 from itl_ray.transfer.image_stream import ImageStream
 
@@ -251,7 +251,8 @@ def test_same_seed_same_result_other_seed_other_result_any_number_of_workers(voc
     for seed, workers in ((3, 1), (3, 3), (4, 1)):
         curves = []
         output = evaluate_detection(small_backbone(), small, config, CPU, seed=seed, log=lambda line: None,
-                                    curve=lambda metrics, step: curves.append(metrics), workers=workers)
+                                    curve=lambda metrics, step: curves.append(metrics),
+                                    runtime=DetectionRuntime(workers=workers))
         runs.append((output.metrics, output.per_image["voc07_det_detections"].to_pydict(), curves))
     assert runs[0] == runs[1]
     assert runs[0][2] != runs[2][2]
@@ -334,11 +335,13 @@ def test_images_are_read_a_few_at_a_time_however_large_the_dataset(tmp_path, mon
         data = voc_splits(prepared_voc(tmp_path / str(count), trainval=count, test=count, seed=2), "trainval", "test")
         config = DetectionConfig(**{**TINY, "image_size": 64, "max_size": 96, "epochs": 1, "rois_per_batch": 16})
         usable = len(training_regions(data.train, config).usable)
-        evaluate_detection(backbone, data, config, CPU, seed=0, log=lambda line: None, workers=1)
+        evaluate_detection(backbone, data, config, CPU, seed=0, log=lambda line: None,
+                           runtime=DetectionRuntime(workers=1, test_batch_size=2))
         results.append({**seen, "expected": 2 * (usable // 2) + count})  # one pass over trainval, then test
     assert all(result["decoded"] == result["expected"] for result in results)
     assert results[1]["decoded"] >= 9 * results[0]["decoded"]
-    # Never more than the reader's look-ahead (4 with one worker) plus the batch in use (2).
+    # Never more than the reader's look-ahead (4 with one worker) plus the batch in use (2 images
+    # per training step, 2 per test forward pass here).
     assert results[0]["peak"] <= 6 and results[1]["peak"] <= 6
 
 
@@ -347,22 +350,30 @@ def test_images_are_read_a_few_at_a_time_however_large_the_dataset(tmp_path, mon
 
 
 def test_config_errors_name_the_field():
-    DetectionConfig().validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.fg_fraction"):
-        DetectionConfig(fg_fraction=1.5).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.bg_iou_low"):
-        DetectionConfig(bg_iou_low=0.6).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.window_sizes"):
-        DetectionConfig(window_sizes=()).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.proposals"):
-        DetectionConfig(proposals="edge_boxes").validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.rois_per_batch"):
-        DetectionConfig(rois_per_batch=127).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.box_normalisation"):
-        DetectionConfig(box_normalisation="none").validate("transfer.detection")
-    # A config built in code is checked when the task starts.
-    with pytest.raises(UserError, match=r"detection\.iterations"):
-        evaluate_detection(small_backbone(), None, DetectionConfig(iterations=-1), CPU, seed=0)
+    """Bounds and choices are declared on the fields and checked by the config's one validator;
+    the rules between fields (max_size >= image_size, bg_iou_low < bg_iou_high, rois_per_batch a
+    multiple of images_per_batch) by DetectionConfig.check."""
+    from itl_ray.config import validate
+
+    assert validate(DetectionConfig(), "transfer.detection") == DetectionConfig()
+    for config, message in (
+        (DetectionConfig(fg_fraction=1.5), r"transfer\.detection\.fg_fraction=1\.5 is out of range; allowed: >= 0 and <= 1"),
+        (DetectionConfig(bg_iou_low=0.6), r"transfer\.detection: bg_iou_low \(0\.6\) must be below bg_iou_high \(0\.5\)"),
+        (DetectionConfig(window_sizes=()), r"transfer\.detection\.window_sizes=\[\] is out of range; allowed: not empty"),
+        (DetectionConfig(window_sizes=(0.5, 1.5)), r"transfer\.detection\.window_sizes\[1\]=1\.5 is out of range"),
+        (DetectionConfig(image_size=128, max_size=100),
+         r"transfer\.detection: max_size \(100\) must be at least image_size \(128\)"),
+        (DetectionConfig(epochs=-1), r"transfer\.detection\.epochs=-1 is out of range; allowed: >= 0"),
+        (DetectionConfig(iterations=-1), r"transfer\.detection\.iterations=-1 is out of range; allowed: >= 0"),
+        (DetectionConfig(box_target_stds=(0.1, 0.1, 0.2)), r"transfer\.detection\.box_target_stds: expected a list of 4"),
+        (DetectionConfig(proposals="edge_boxes"), r"transfer\.detection\.proposals='edge_boxes' is not one of the "
+                                                  r"choices: selective_search, sliding_window"),
+        (DetectionConfig(rois_per_batch=127), r"transfer\.detection: rois_per_batch \(127\) must be a multiple of "
+                                              r"images_per_batch \(2\)"),
+        (DetectionConfig(box_normalisation="none"), r"transfer\.detection\.box_normalisation='none' is not one of"),
+    ):
+        with pytest.raises(UserError, match=message):
+            validate(config, "transfer.detection")
 
 
 def test_region_sampling_follows_fast_rcnn():

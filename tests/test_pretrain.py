@@ -3,6 +3,7 @@ trains to the accuracy of the torchvision pipeline with the same seed; settings 
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ from itl_ray.errors import UserError
 from itl_ray.image_rows import ImageRows
 from itl_ray.models import AlexNet
 from itl_ray.prepare import PrepareSettings, prepare
-from itl_ray.pretrain import PretrainConfig, TrainStep, pretrain, top1
+from itl_ray.pretrain import PretrainConfig, PretrainRuntime, TrainStep, pretrain, top1
 from itl_ray.shards import Prepared
 
 CPU = torch.device("cpu")
@@ -52,14 +53,16 @@ def weights(model: torch.nn.Module) -> dict:
 def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(imagenet, tmp_path):
     train, val = split(imagenet, 10)
     # Decoded every epoch by 2 threads; the learning rate drops during the run; dropout is on.
-    config = PretrainConfig(epochs=3, batch_size=32, lr=0.02, lr_drop_every=2, cache_gib=0.0, workers=2)
+    config = PretrainConfig(epochs=3, batch_size=32, lr=0.02, lr_drop_every=2)
+    runtime = PretrainRuntime(cache_gib=0.0, workers=2)
 
     def model():
         torch.manual_seed(0)
         return AlexNet(10, width=0.125, resolution=48)
 
     whole = model()
-    straight = pretrain(whole, train, val, config, CPU, 0, tmp_path / "whole.pt", log=lambda line: None)
+    straight = pretrain(whole, train, val, config, CPU, 0, tmp_path / "whole.pt", log=lambda line: None,
+                        runtime=runtime)
 
     class Killed(Exception):
         pass
@@ -71,16 +74,16 @@ def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(image
     first = model()
     with pytest.raises(Killed):
         pretrain(first, train, val, config, CPU, 0, tmp_path / "resumed.pt", on_epoch=kill_after_two,
-                 log=lambda line: None)
+                 log=lambda line: None, runtime=runtime)
     torch.manual_seed(123)  # whatever happened to the global generator since, the checkpoint restores it
     resumed, lines = model(), []
-    result = pretrain(resumed, train, val, config, CPU, 0, tmp_path / "resumed.pt", log=lines.append)
+    result = pretrain(resumed, train, val, config, CPU, 0, tmp_path / "resumed.pt", log=lines.append, runtime=runtime)
     assert any("resumed after epoch 2" in line for line in lines)
     assert result == straight
     expected = weights(whole)
     assert all(torch.equal(value, expected[name]) for name, value in weights(resumed).items())
     saved = torch.load(tmp_path / "resumed.pt", weights_only=False)
-    assert saved["epoch"] == 3 and saved["config"]["cache_gib"] == 0.0 and "torch_rng" in saved
+    assert saved["epoch"] == 3 and saved["config"]["lr_drop_every"] == 2 and "torch_rng" in saved
 
 
 def test_fast_pipeline_trains_to_the_accuracy_of_the_torchvision_pipeline(imagenet, tmp_path):
@@ -91,8 +94,9 @@ def test_fast_pipeline_trains_to_the_accuracy_of_the_torchvision_pipeline(imagen
     for pipeline in ("fast", "torchvision"):
         torch.manual_seed(0)
         model = AlexNet(20, width=0.25, resolution=64)
-        config = replace(DEMO, pipeline=pipeline, cache_gib=0.0, workers=2)
-        result = pretrain(model, train, val, config, CPU, 0, tmp_path / f"{pipeline}.pt", log=lambda line: None)
+        config = replace(DEMO, pipeline=pipeline)
+        result = pretrain(model, train, val, config, CPU, 0, tmp_path / f"{pipeline}.pt", log=lambda line: None,
+                          runtime=PretrainRuntime(cache_gib=0.0, workers=2))
         accuracy[pipeline] = result["pretrain_top1"]
     chance = 100 / 20
     assert min(accuracy.values()) > 4 * chance, accuracy
@@ -106,20 +110,31 @@ def test_random_initialisation_is_near_chance(imagenet):
     assert 0.0 <= accuracy < 0.2
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("pipeline", "dali", "pipeline must be one of fast, torchvision, got 'dali'"),
-    ("augment", "mixup", "augment must be one of crop, random_resized_crop, got 'mixup'"),
-    ("precision", "fp16", "precision must be one of auto, bf16, fp32, got 'fp16'"),
-    ("compile", "yes", "compile must be one of auto, on, off, got 'yes'"),
-    ("channels_last", "true", "channels_last must be one of auto, on, off"),
-    ("cpu_decode_share", 1.5, "cpu_decode_share must be between 0 and 1, got 1.5"),
-    ("workers", -1, "workers must be >= 0"),
-    ("cache_gib", -2.0, "cache_gib must be >= 0"),
-    ("prefetch", 0, "prefetch must be >= 1"),
+@pytest.mark.parametrize("section, key, value, message", [
+    ("pretrain", "pipeline", "dali", "pipeline='dali' is not one of the choices: fast, torchvision"),
+    ("pretrain", "augment", "mixup", "augment='mixup' is not one of the choices: crop, random_resized_crop"),
+    ("pretrain", "precision", "fp16", "precision='fp16' is not one of the choices: auto, bf16, fp32"),
+    ("pretrain", "lr", -0.01, "lr=-0.01 is out of range; allowed: > 0"),
+    ("pretrain", "momentum", 1.0, "momentum=1.0 is out of range; allowed: >= 0 and < 1"),
+    ("pretrain", "weight_decay", -5e-4, "weight_decay=-0.0005 is out of range; allowed: >= 0"),
+    ("pretrain", "num_classes", 0, "num_classes=0 is out of range; allowed: >= 1"),
+    ("pretrain", "shortfall", "skip", "shortfall='skip' is not one of the choices: take_all, error"),
+    ("runtime.pretrain", "compile", "yes", "compile='yes' is not one of the choices: auto, on, off"),
+    ("runtime.pretrain", "channels_last", "true", "channels_last='true' is not one of the choices: auto, on, off"),
+    ("runtime.pretrain", "cpu_decode_share", 1.5, "cpu_decode_share=1.5 is out of range; allowed: >= 0 and <= 1"),
+    ("runtime.pretrain", "workers", -1, "workers=-1 is out of range; allowed: >= 0"),
+    ("runtime.pretrain", "cache_gib", -2.0, "cache_gib=-2.0 is out of range; allowed: >= 0"),
+    ("runtime.pretrain", "prefetch", 0, "prefetch=0 is out of range; allowed: >= 1"),
 ])
-def test_settings_name_bad_values(key, value, message):
-    with pytest.raises(UserError, match=f"pretrain.{message}"):
-        replace(PretrainConfig(), **{key: value}).validate("pretrain")
+def test_settings_name_bad_values(section, key, value, message):
+    """Bounds and choices are declared on the fields of PretrainConfig and PretrainRuntime; the
+    config's validator names them."""
+    from itl_ray.config import validate
+
+    kind = PretrainConfig if section == "pretrain" else PretrainRuntime
+    assert validate(kind(), section) == kind()
+    with pytest.raises(UserError, match=re.escape(f"{section}.{message}")):
+        validate(replace(kind(), **{key: value}), section)
 
 
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch):

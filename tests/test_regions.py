@@ -121,12 +121,17 @@ def test_image_batch_pads_with_zero_after_normalisation():
 
 
 def test_recipe_errors_name_the_field():
-    RegionRecipe().validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.roi_pool"):
-        RegionRecipe(roi_pool="average").validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.max_size"):
-        RegionRecipe(image_size=600, max_size=500).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.frozen_convs"):
-        RegionRecipe(frozen_convs=6).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.iterations"):
-        RegionRecipe(iterations=-1).validate("transfer.detection")
+    """Bounds and choices declared on the fields, checked by the config's one validator."""
+    from itl_ray.config import validate
+
+    assert validate(RegionRecipe(), "transfer.detection") == RegionRecipe()
+    for recipe, message in (
+        (RegionRecipe(roi_pool="average"), r"transfer\.detection\.roi_pool='average' is not one of the choices: max, align"),
+        (RegionRecipe(image_size=600, max_size=500),
+         r"transfer\.detection: max_size \(500\) must be at least image_size \(600\)"),
+        (RegionRecipe(frozen_convs=6), r"transfer\.detection\.frozen_convs=6 is out of range; allowed: >= 0 and <= 5"),
+        (RegionRecipe(iterations=-1), r"transfer\.detection\.iterations=-1 is out of range; allowed: >= 0"),
+        (RegionRecipe(head_lr_scale=-1.0), r"transfer\.detection\.head_lr_scale=-1\.0 is out of range; allowed: >= 0"),
+    ):
+        with pytest.raises(UserError, match=message):
+            validate(recipe, "transfer.detection")

@@ -72,5 +72,6 @@ def test_a_prepared_partition_is_the_release_partition(mini_paths, raw_paths):
 
 def test_a_partition_that_was_not_prepared_is_a_user_error(mini_paths):
     data = Prepared(mini_paths["sun397"], "sun397")
-    with pytest.raises(UserError, match="no images in partition 11 .*use data.sun397_partition=1..10 as prepared"):
+    with pytest.raises(UserError, match=r"data\.sun397_partition=11: .*sun397 has no images in partition 11 "
+                                        r"\(Training_11\.txt / Testing_11\.txt were not prepared\); choose a partition"):
         scene_data(data, 11)

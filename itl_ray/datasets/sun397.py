@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from itl_ray.datasets import LabeledImage, Root, read_lines
 from itl_ray.errors import UserError
 from itl_ray.shards import Prepared
@@ -70,15 +72,25 @@ class SceneData:
     test_labels: list[str]
 
 
-def scene_data(data: Prepared, partition: int) -> SceneData:
-    """One official SUN397 partition (Training_NN / Testing_NN, NN = ``partition``) read from the
-    prepared dataset ``data``, images as stored JPEG bytes. Raises UserError when the partition has
-    no training or no test images (it was not prepared)."""
-    labels = data.column("label")
+def partition_rows(data: Prepared, partition: int) -> tuple[np.ndarray, np.ndarray]:
+    """Manifest rows of the training and test images of official partition ``partition``
+    (Training_NN / Testing_NN, NN = ``partition``) of the prepared SUN397 dataset ``data``. Raises
+    UserError when the partition has no training or no test images (it was not prepared); the
+    trial checks this before any training."""
     train, test = data.rows_in(f"Training_{partition:02d}"), data.rows_in(f"Testing_{partition:02d}")
     if not len(train) or not len(test):
-        raise UserError(f"data.sun397 has no images in partition {partition} (Training_{partition:02d}.txt / "
-                        f"Testing_{partition:02d}.txt); use data.sun397_partition=1..10 as prepared")
+        raise UserError(f"data.sun397_partition={partition}: {data.folder} has no images in partition {partition} "
+                        f"(Training_{partition:02d}.txt / Testing_{partition:02d}.txt were not prepared); "
+                        "choose a partition it holds")
+    return train, test
+
+
+def scene_data(data: Prepared, partition: int) -> SceneData:
+    """One official SUN397 partition (``partition_rows``) read from the prepared dataset ``data``,
+    images as stored JPEG bytes. Raises UserError when the partition has no training or no test
+    images (it was not prepared)."""
+    labels = data.column("label")
+    train, test = partition_rows(data, partition)
     return SceneData(
         classes=tuple(sorted(set(labels))),
         train_images=data.read(train), train_labels=[labels[row] for row in train],

@@ -69,11 +69,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval
 from torch import nn
 
 from itl_ray import metrics
@@ -89,9 +91,6 @@ from itl_ray.transfer.image_stream import ImageStream, default_workers
 from itl_ray.transfer.regions import (RegionNetwork, RegionRecipe, Schedule, caffe_sgd, child_generator, flip_boxes,
                                       image_batch, schedule, set_lr, training_plan)
 
-ACTION_MODELS = ("rstar_primary", "crops")
-ACTION_HEADS = ("softmax", "binary")
-ACTION_REGIONS = ("jitter", "box")
 JITTER_DRAWS = 16  # candidate boxes drawn around each person per visit (those at region_iou or more are kept)
 OTHER = len(ACTION_CLASSES)  # the softmax head's class index of "other" (none of the ten actions)
 DISPLAY_EVERY = 20  # iterations between two points of the training curves (solver.prototxt display: 20)
@@ -101,13 +100,7 @@ DISPLAY_EVERY = 20  # iterations between two points of the training curves (solv
 class CropsConfig(FinetuneConfig):
     """``model: crops``: fine-tuning on person crops (``FinetuneConfig``'s recipe, an assumption)."""
 
-    context: float = 1.2  # the person box is enlarged by this factor around its centre
-
-    def validate(self, path: str) -> None:
-        """``FinetuneConfig.validate``, and ``context`` at least 1 (UserError naming ``path.context``)."""
-        super().validate(path)
-        if self.context < 1.0:
-            raise UserError(f"{path}.context must be >= 1.0")
+    context: Annotated[float, Ge(1)] = 1.2  # the person box is enlarged by this factor around its centre
 
 
 @dataclass(frozen=True)
@@ -115,30 +108,32 @@ class ActionConfig(RegionRecipe):
     """VOC 2012 actions: R*CNN's primary-region recipe (sources: the module docstring's table); the
     schedule, SGD and image settings of ``RegionRecipe`` with R*CNN's learning rate."""
 
-    model: str = "rstar_primary"  # or crops
-    head: str = "softmax"  # softmax (10 actions + other) or binary (10 logistic outputs)
-    lr: float = 0.0001
-    regions: str = "jitter"  # training regions: jitter (boxes around each person) or box (the person boxes only)
-    rois_per_batch: int = 30  # training regions per SGD step, split evenly over its images
-    region_iou: float = 0.5  # a training region overlaps a person box by at least this IoU
+    model: Literal["rstar_primary", "crops"] = "rstar_primary"
+    head: Literal["softmax", "binary"] = "softmax"  # softmax (10 actions + other) or binary (10 logistic outputs)
+    lr: Annotated[float, Gt(0)] = 0.0001
+    # Training regions: jitter (boxes around each person) or box (the person boxes only).
+    regions: Literal["jitter", "box"] = "jitter"
+    rois_per_batch: Annotated[int, Ge(1)] = 30  # training regions per SGD step, split evenly over its images
+    region_iou: Annotated[float, Interval(gt=0, le=1)] = 0.5  # a training region overlaps a person box by at least this IoU
     crops: CropsConfig = field(default_factory=CropsConfig)
 
-    def validate(self, path: str) -> None:
-        """``RegionRecipe.validate``, the model and head choices, and ``crops``: UserError naming
-        the field."""
-        super().validate(path)
-        if self.model not in ACTION_MODELS:
-            raise UserError(f"{path}.model must be one of {', '.join(ACTION_MODELS)}, got {self.model!r}")
-        if self.head not in ACTION_HEADS:
-            raise UserError(f"{path}.head must be one of {', '.join(ACTION_HEADS)}, got {self.head!r}")
-        if self.regions not in ACTION_REGIONS:
-            raise UserError(f"{path}.regions must be one of {', '.join(ACTION_REGIONS)}, got {self.regions!r}")
-        if self.rois_per_batch < self.images_per_batch or self.rois_per_batch % self.images_per_batch:
-            raise UserError(f"{path}.rois_per_batch ({self.rois_per_batch}) must be a multiple of images_per_batch "
-                            f"({self.images_per_batch})")
-        if not 0 < self.region_iou <= 1:
-            raise UserError(f"{path}.region_iou must be in (0, 1], got {self.region_iou}")
-        self.crops.validate(f"{path}.crops")
+    def check(self) -> None:
+        """``RegionRecipe.check`` and ``rois_per_batch`` a multiple of ``images_per_batch``
+        (bounds and choices are declared on the fields): ValueError naming the fields."""
+        super().check()
+        if self.rois_per_batch % self.images_per_batch:
+            raise ValueError(f"rois_per_batch ({self.rois_per_batch}) must be a multiple of images_per_batch "
+                             f"({self.images_per_batch})")
+
+
+@dataclass(frozen=True)
+class ActionRuntime:
+    """How fast the action stage runs, not what it computes (the trial config's
+    ``runtime.action``; not part of ``trial_id``)."""
+
+    # Image decoding threads (``image_stream.ImageStream``); 0: ``image_stream.default_workers``
+    # (a GPU: all cores but two; a CPU: one). Images arrive in the same order with any number.
+    workers: Annotated[int, Ge(0)] = 0
 
 
 def persons(image: VocImage) -> list:
@@ -336,19 +331,18 @@ def score_actions(test: VocSplit, scored: list[int], scores: torch.Tensor) -> tu
 
 
 def evaluate_action(backbone: AlexNet, data: VocSplits, config: ActionConfig, device: torch.device, seed: int,
-                    log=print, curve: Curve = no_curve, *, workers: int = 0) -> StageOutput:
+                    log=print, curve: Curve = no_curve, *, runtime: ActionRuntime = ActionRuntime()) -> StageOutput:
     """PASCAL-ACT-CLS: train on the persons of ``data.train`` (VOC 2012 action train), score the
     persons of ``data.test`` (val); see the module docstring.
 
     Returns ``StageOutput``: ``voc12_act_map`` (mean over the actions that have a val person of
     VOC 2012's AP) and ``voc12_act_ap/<action>`` in percent, and the per-image table
     ``voc12_act_scores``. ``curve`` receives ``action/loss`` and ``action/lr`` every 20
-    iterations (step = iterations done; ``model: crops`` logs epochs instead). ``workers``: image
-    decoding threads (0: ``image_stream.default_workers``), a speed setting only. The caller's
+    iterations (step = iterations done; ``model: crops`` logs epochs instead). ``runtime``: how
+    fast, not what (``ActionRuntime``); ``config`` is taken as checked (``config.from_dict``). The caller's
     backbone is not changed; every random draw comes from ``seed`` (dropout from torch's global
     generator, seeded here and restored afterwards). Raises UserError when a split holds no
     person box."""
-    config.validate("action")
     started = time.perf_counter()
     train_images = [index for index, image in enumerate(data.train.images) if persons(image)]
     scored = [index for index, image in enumerate(data.test.images) if persons(image)]
@@ -363,7 +357,7 @@ def evaluate_action(backbone: AlexNet, data: VocSplits, config: ActionConfig, de
         if config.model == "crops":
             scores = _crops_scores(backbone, data, config, device, seed, log)
         else:
-            workers = workers or default_workers(device)
+            workers = runtime.workers or default_workers(device)
             plan = schedule(config, len(train_images))
             log(f"action: {sum(len(persons(data.train.images[i])) for i in train_images)} persons in "
                 f"{len(train_images)} images, {plan.iterations} iterations (lr / 10 at {plan.lr_step})")

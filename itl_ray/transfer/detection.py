@@ -72,7 +72,8 @@ Steps:
    images_per_batch`` sampled regions; loss = softmax cross-entropy over the regions + smooth L1
    (beta 1) on the foreground regions' normalised targets for their own class, divided by the
    number of regions.
-3. Test, one image at a time (as Fast R-CNN's ``im_detect``): every proposal is scored (softmax)
+3. Test, one image at a time (as Fast R-CNN's ``im_detect``; ``runtime.detection.test_batch_size``
+   puts several in one forward pass): every proposal is scored (softmax)
    and regressed per class (boxes clipped to the image), then per class thresholded and
    suppressed (NMS), then the image's best ``max_detections``; boxes go back to the stored
    image's VOC coordinates and ``itl_ray.metrics`` matches them to the ground truth (difficult
@@ -106,11 +107,13 @@ import functools
 import math
 import time
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval, MinLen
 from torch import nn
 from torchvision.ops import batched_nms
 
@@ -124,12 +127,13 @@ from itl_ray.transfer.image_stream import ImageStream, default_workers
 from itl_ray.transfer.regions import (RegionNetwork, RegionRecipe, Schedule, caffe_sgd, child_generator, flip_boxes,
                                       image_batch, schedule, set_lr, training_plan)
 
-PROPOSAL_SOURCES = ("selective_search", "sliding_window")
-BOX_NORMALISATIONS = ("per_class", "fixed")
 # Iterations between two points of the training curves (solver.prototxt ``display: 20``).
 DISPLAY_EVERY = 20
 # The largest log size ratio applied at test (Detectron's value): keeps exp() finite.
 MAX_LOG_RATIO = math.log(1000 / 16)
+
+Fraction = Annotated[float, Interval(ge=0, le=1)]  # a probability, an IoU or a share, 0..1
+Positive = Annotated[float, Gt(0)]
 
 
 @dataclass(frozen=True)
@@ -138,61 +142,59 @@ class DetectionConfig(RegionRecipe):
     settings that replace parts of it. Inherits the schedule, SGD and image settings of
     ``RegionRecipe`` with Fast R-CNN's values as defaults."""
 
-    proposals: str = "selective_search"  # or sliding_window
-    rois_per_batch: int = 128  # sampled regions per SGD step, split evenly over its images
-    fg_fraction: float = 0.25  # largest share of foreground regions
-    fg_iou: float = 0.5  # a region is foreground from this IoU with a ground-truth box
-    bg_iou_low: float = 0.1  # background regions have a best IoU in [bg_iou_low, bg_iou_high)
-    bg_iou_high: float = 0.5
+    proposals: Literal["selective_search", "sliding_window"] = "selective_search"
+    rois_per_batch: Annotated[int, Ge(1)] = 128  # sampled regions per SGD step, split evenly over its images
+    fg_fraction: Fraction = 0.25  # largest share of foreground regions
+    fg_iou: Fraction = 0.5  # a region is foreground from this IoU with a ground-truth box
+    bg_iou_low: Fraction = 0.1  # background regions have a best IoU in [bg_iou_low, bg_iou_high)
+    bg_iou_high: Fraction = 0.5
     train_difficult: bool = True  # train on objects marked difficult too
-    box_regression_iou: float = 0.5  # regions at this IoU or more give the target statistics
-    box_normalisation: str = "per_class"  # per_class (empirical) or fixed (box_target_stds, means 0)
-    box_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)  # for fixed
-    score_threshold: float = 0.05  # test: a class's detection is kept above this softmax score
-    nms_iou: float = 0.3  # test: non-maximum suppression IoU per class
-    max_detections: int = 100  # test: at most this many per image over all classes
+    box_regression_iou: Fraction = 0.5  # regions at this IoU or more give the target statistics
+    box_normalisation: Literal["per_class", "fixed"] = "per_class"  # per_class (empirical) or fixed (box_target_stds, means 0)
+    box_target_stds: tuple[Positive, Positive, Positive, Positive] = (0.1, 0.1, 0.2, 0.2)  # for fixed
+    score_threshold: Fraction = 0.05  # test: a class's detection is kept above this softmax score
+    nms_iou: Fraction = 0.3  # test: non-maximum suppression IoU per class
+    max_detections: Annotated[int, Ge(1)] = 100  # test: at most this many per image over all classes
     # Sliding-window proposals (proposals: sliding_window): window sides as fractions of the stored
     # image's shorter side, consecutive sizes ~1.5x apart; aspect ratios (width / height); the step
     # between windows as a fraction of the window's extent. At these values about 99% of objects
     # between a quarter and most of the shorter side have a window at IoU >= 0.5 (~330 windows on a
     # 128 x 170 image); objects smaller than the smallest window have none.
-    window_sizes: tuple[float, ...] = (0.25, 0.4, 0.6, 0.85)
-    window_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    window_stride: float = 0.5
+    window_sizes: Annotated[tuple[Annotated[float, Interval(gt=0, le=1)], ...], MinLen(1)] = (0.25, 0.4, 0.6, 0.85)
+    window_ratios: Annotated[tuple[Annotated[float, Gt(0)], ...], MinLen(1)] = (0.5, 1.0, 2.0)
+    window_stride: Annotated[float, Gt(0)] = 0.5
 
-    def validate(self, path: str) -> None:
-        """``RegionRecipe.validate`` and the detection settings: UserError naming ``path.<field>``."""
-        super().validate(path)
-        if self.proposals not in PROPOSAL_SOURCES:
-            raise UserError(f"{path}.proposals must be one of {', '.join(PROPOSAL_SOURCES)}, got {self.proposals!r}")
-        if self.box_normalisation not in BOX_NORMALISATIONS:
-            raise UserError(f"{path}.box_normalisation must be one of {', '.join(BOX_NORMALISATIONS)}, "
-                            f"got {self.box_normalisation!r}")
-        for name in ("rois_per_batch", "max_detections"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{path}.{name} must be at least 1, got {getattr(self, name)}")
+    def check(self) -> None:
+        """The rules between fields (``RegionRecipe.check`` and two of detection's; bounds and
+        choices are declared on the fields): ValueError naming the fields."""
+        super().check()
         if self.rois_per_batch % self.images_per_batch:
-            raise UserError(f"{path}.rois_per_batch ({self.rois_per_batch}) must be a multiple of images_per_batch "
-                            f"({self.images_per_batch}): each image gives the same number of regions")
-        for name in ("fg_fraction", "fg_iou", "box_regression_iou", "score_threshold", "nms_iou"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{path}.{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.bg_iou_low < self.bg_iou_high <= 1:
-            raise UserError(f"{path}.bg_iou_low ({self.bg_iou_low}) must be below bg_iou_high "
-                            f"({self.bg_iou_high}), both in [0, 1]")
-        if len(self.box_target_stds) != 4 or any(std <= 0 for std in self.box_target_stds):
-            raise UserError(f"{path}.box_target_stds must be 4 positive numbers, got {self.box_target_stds}")
-        if not self.window_sizes or any(not 0 < size <= 1 for size in self.window_sizes):
-            raise UserError(f"{path}.window_sizes must be fractions in (0, 1], got {self.window_sizes}")
-        if not self.window_ratios or any(ratio <= 0 for ratio in self.window_ratios):
-            raise UserError(f"{path}.window_ratios must be positive, got {self.window_ratios}")
-        if not self.window_stride > 0:
-            raise UserError(f"{path}.window_stride must be positive, got {self.window_stride}")
+            raise ValueError(f"rois_per_batch ({self.rois_per_batch}) must be a multiple of images_per_batch "
+                             f"({self.images_per_batch}): each image gives the same number of regions")
+        if not self.bg_iou_low < self.bg_iou_high:
+            raise ValueError(f"bg_iou_low ({self.bg_iou_low:g}) must be below bg_iou_high ({self.bg_iou_high:g})")
 
     @property
     def rois_per_image(self) -> int:
         """Sampled regions per training image (Fast R-CNN: 128 / 2 = 64)."""
         return self.rois_per_batch // self.images_per_batch
+
+
+@dataclass(frozen=True)
+class DetectionRuntime:
+    """How fast detection runs, not what it computes (the trial config's ``runtime.detection``; not
+    part of ``trial_id``)."""
+
+    # Image decoding threads (``image_stream.ImageStream``); 0: ``image_stream.default_workers``
+    # (a GPU: all cores but two; a CPU: one). Images arrive in the same order with any number.
+    workers: Annotated[int, Ge(0)] = 0
+    # Test images per forward pass (no gradients; larger uses more memory). 1 (the default) scores
+    # each image alone, as Fast R-CNN's test.py ``im_detect`` does. More images share a batch
+    # padded at the bottom and right to its largest image with 0 after normalisation (as
+    # ``im_list_to_blob`` pads), so conv5 cells near a smaller image's right and bottom edges see
+    # the padding: regions there can score slightly differently. On a GPU one image already brings
+    # ~2,000 RoIs per pass, so larger batches gain little.
+    test_batch_size: Annotated[int, Ge(1)] = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,25 +534,42 @@ def detect_in_image(scores: torch.Tensor, boxes: torch.Tensor, config: Detection
 
 @torch.no_grad()
 def _test(model: FastRCNN, test: VocSplit, box_targets: BoxTargets, config: DetectionConfig, device: torch.device,
-          workers: int, log) -> list[ImageDetections]:
-    """Every test image's detections, in split order (one image per forward pass)."""
+          runtime: DetectionRuntime, workers: int, log) -> list[ImageDetections]:
+    """Every test image's detections, in split order, ``runtime.test_batch_size`` images per
+    forward pass."""
     model.eval()
     found = []
     progress = Progress("detection: test", len(test), unit="images", log=log)
-    with ImageStream(test, config.image_size, config.max_size, workers, ahead=max(4, 2 * workers)) as stream:
-        for image in stream.images((index, False) for index in range(len(test))):
-            source = test.images[image.index]
-            proposals = proposals_of(test, image.index, config)
-            if len(proposals) == 0:
+
+    def detect(batch: list) -> None:
+        proposals = [proposals_of(test, image.index, config) for image in batch]
+        rois = torch.cat([torch.cat((torch.full((len(boxes), 1), float(position)), boxes * image.scale), dim=1)
+                          for position, (image, boxes) in enumerate(zip(batch, proposals))])
+        if len(rois):
+            logits, deltas = model(image_batch([image.pixels for image in batch], device), rois.to(device))
+            scores, deltas = logits.float().softmax(dim=1).cpu(), box_targets.denormalise(deltas.float().cpu())
+        start = 0
+        for image, boxes in zip(batch, proposals):
+            end = start + len(boxes)
+            if len(boxes) == 0:
                 found.append(detect_in_image(torch.zeros(0, 1), torch.zeros(0, 0, 4), config))
-                progress.update()
-                continue
-            rois = torch.cat((torch.zeros(len(proposals), 1), proposals * image.scale), dim=1)
-            logits, deltas = model(image_batch([image.pixels], device), rois.to(device))
-            scores = logits.float().softmax(dim=1).cpu()
-            boxes = decode_boxes(proposals, box_targets.denormalise(deltas.float().cpu()))
-            found.append(detect_in_image(scores, clip_boxes(boxes, source.height, source.width), config))
-            progress.update()
+            else:
+                source = test.images[image.index]
+                decoded = decode_boxes(boxes, deltas[start:end])
+                found.append(detect_in_image(scores[start:end], clip_boxes(decoded, source.height, source.width),
+                                             config))
+            start = end
+        progress.update(len(batch))
+
+    with ImageStream(test, config.image_size, config.max_size, workers, ahead=max(4, 2 * workers)) as stream:
+        batch = []
+        for image in stream.images((index, False) for index in range(len(test))):
+            batch.append(image)
+            if len(batch) == runtime.test_batch_size:
+                detect(batch)
+                batch = []
+        if batch:
+            detect(batch)
     progress.close()
     return found
 
@@ -613,7 +632,7 @@ def evaluate_detection(
     log=print,
     curve: Curve = no_curve,
     *,
-    workers: int = 0,
+    runtime: DetectionRuntime = DetectionRuntime(),
 ) -> StageOutput:
     """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``data.train`` (VOC 2007
     trainval) and measure it on ``data.test`` (VOC 2007 test); see the module docstring.
@@ -621,22 +640,22 @@ def evaluate_detection(
     Returns ``StageOutput``: metrics in percent, ``voc07_det_map`` and ``voc07_det_ap/<class>`` for
     each class with a non-difficult test object; per-image tables ``voc07_det_detections`` and
     ``voc07_det_positives``. ``curve`` receives ``detection/loss`` (with its classification and
-    box parts) and ``detection/lr`` every 20 iterations, step = iterations done. ``workers``:
-    image decoding threads (0: ``image_stream.default_workers``), a speed setting only.
+    box parts) and ``detection/lr`` every 20 iterations, step = iterations done. ``runtime``: how
+    fast, not what (``DetectionRuntime``: decoding threads, test images per forward pass).
+    ``config`` is taken as checked (``config.from_dict`` validates the trial's config).
 
     The caller's backbone is not modified. Every random draw comes from ``seed`` (the new layers,
     region sampling, image order and flips; dropout from torch's global generator, seeded here
     and restored afterwards), so a run on the CPU is repeated exactly. Raises UserError for an
     empty split, a training split with no usable image, or a test split with no object.
     """
-    config.validate("detection")
     train, test = data.train, data.test
     if not len(train):
         raise UserError(f"the {train.name} split is empty: the detector has nothing to train on")
     if not len(test):
         raise UserError(f"the {test.name} split is empty: there is nothing to measure detection on")
     started = time.perf_counter()
-    workers = workers or default_workers(device)
+    workers = runtime.workers or default_workers(device)
     regions = training_regions(train, config)
     if not regions.usable:
         raise UserError(f"no image of {train.name} has an object to train on")
@@ -655,7 +674,7 @@ def evaluate_detection(
         trained = time.perf_counter()
         _train(model, train, regions, config, plan, seed, device, workers, log, curve)
         trained = time.perf_counter() - trained
-        found = _test(model, test, regions.box_targets, config, device, workers, log)
+        found = _test(model, test, regions.box_targets, config, device, runtime, workers, log)
 
     aps, tables, absent = score_detections(test, found)
     if not aps:

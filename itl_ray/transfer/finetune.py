@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval
 
-from itl_ray.errors import UserError
 from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet
 
@@ -25,18 +25,12 @@ class FinetuneConfig:
     give them): the common recipe of its time, as in the module docstring; ``lr`` applies to the
     pretrained layers, 10x to the new fc8, divided by 10 every ``lr_drop_every`` epochs."""
 
-    epochs: int = 30
-    batch_size: int = 64  # images per SGD step
-    lr: float = 0.001  # pretrained layers; the new fc8 uses 10x
-    lr_drop_every: int = 20  # epochs; divided by 10
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-
-    def validate(self, path: str) -> None:
-        """Raise UserError naming ``path.<field>`` for a count below 1."""
-        for key in ("epochs", "batch_size", "lr_drop_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{path}.{key} must be >= 1")
+    epochs: Annotated[int, Ge(1)] = 30
+    batch_size: Annotated[int, Ge(1)] = 64  # images per SGD step
+    lr: Annotated[float, Gt(0)] = 0.001  # pretrained layers; the new fc8 uses 10x
+    lr_drop_every: Annotated[int, Ge(1)] = 20  # epochs; divided by 10
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 5e-4
 
 
 def finetune(

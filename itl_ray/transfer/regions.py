@@ -26,19 +26,22 @@ R-CNN's ``im_list_to_blob`` pads mean-subtracted images with 0).
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align, roi_pool
 
-from itl_ray.errors import UserError
+from itl_ray.bounds import Ge, Gt, Interval
 from itl_ray.images import normalize
 from itl_ray.models import AlexNet
 
 CONV5_STRIDE = 16  # px per conv5 cell (conv1 stride 4, pool1 and pool2 stride 2)
-ROI_POOLS = ("max", "align")
+RoiPool = Literal["max", "align"]
+ROI_POOLS = typing.get_args(RoiPool)
 # RoI Align (aligned=True) puts conv5 cell k at continuous coordinate 16k + 8; with the detection
 # net's padding the cell is centred on pixel 16k, whose continuous centre is 16k + 0.5.
 _ALIGN_SHIFT = 8.0 - 0.5
@@ -48,52 +51,30 @@ _ALIGN_SHIFT = 8.0 - 0.5
 class RegionRecipe:
     """Settings of a region-based fine-tuning (the defaults are Fast R-CNN's CaffeNet recipe; each
     stage's config subclass documents its own values and sources). Units: px, iterations (one SGD
-    step on ``images_per_batch`` images), learning rates per iteration."""
+    step on ``images_per_batch`` images), learning rates per iteration. Bounds and choices are
+    declared on the fields (checked by ``config.from_dict``); ``check`` holds the rule between two."""
 
-    image_size: int = 600  # shorter side after scaling, px
-    max_size: int = 1000  # longer side cap, px
-    iterations: int = 40000  # SGD steps (0: none, the new layers stay as initialised)
-    lr_step: int = 30000  # the learning rate is divided by 10 at this iteration (Caffe's "step" policy)
-    epochs: int = 0  # > 0: count training in passes over the training images instead (see schedule)
-    images_per_batch: int = 2  # images per SGD step
-    lr: float = 0.001  # base learning rate (weights of every trained layer)
-    momentum: float = 0.9
-    weight_decay: float = 0.0005
-    bias_lr_multiplier: float = 2.0  # biases learn this much faster (prototxt: lr_mult 2)
-    bias_decay_multiplier: float = 0.0  # and decay this much (prototxt: decay_mult 0)
-    frozen_convs: int = 1  # conv1..conv<k> are not trained (prototxt: lr_mult 0 on conv1)
-    conv_lr_scale: float = 1.0  # multiplier of the trained convolutions' learning rate
-    head_lr_scale: float = 1.0  # multiplier of the new layers' learning rate (Fast R-CNN, R*CNN: 1)
-    flip_probability: float = 0.5  # random horizontal flip of each training image
-    roi_pool: str = "max"  # max (RoI max pooling) or align (RoI Align + 2x2 max)
+    image_size: Annotated[int, Ge(1)] = 600  # shorter side after scaling, px
+    max_size: Annotated[int, Ge(1)] = 1000  # longer side cap, px
+    iterations: Annotated[int, Ge(0)] = 40000  # SGD steps (0: none, the new layers stay as initialised)
+    lr_step: Annotated[int, Ge(1)] = 30000  # the learning rate is divided by 10 at this iteration (Caffe's "step" policy)
+    epochs: Annotated[int, Ge(0)] = 0  # > 0: count training in passes over the training images instead (see schedule)
+    images_per_batch: Annotated[int, Ge(1)] = 2  # images per SGD step
+    lr: Annotated[float, Gt(0)] = 0.001  # base learning rate (weights of every trained layer)
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 0.0005
+    bias_lr_multiplier: Annotated[float, Ge(0)] = 2.0  # biases learn this much faster (prototxt: lr_mult 2)
+    bias_decay_multiplier: Annotated[float, Ge(0)] = 0.0  # and decay this much (prototxt: decay_mult 0)
+    frozen_convs: Annotated[int, Interval(ge=0, le=5)] = 1  # conv1..conv<k> are not trained (prototxt: lr_mult 0 on conv1)
+    conv_lr_scale: Annotated[float, Ge(0)] = 1.0  # multiplier of the trained convolutions' learning rate
+    head_lr_scale: Annotated[float, Ge(0)] = 1.0  # multiplier of the new layers' learning rate (Fast R-CNN, R*CNN: 1)
+    flip_probability: Annotated[float, Interval(ge=0, le=1)] = 0.5  # random horizontal flip of each training image
+    roi_pool: RoiPool = "max"  # max (RoI max pooling) or align (RoI Align + 2x2 max)
 
-    def validate(self, path: str) -> None:
-        """Raise UserError naming ``path.<field>`` for a value the recipe cannot run with."""
-        for name in ("image_size", "max_size", "images_per_batch"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{path}.{name} must be at least 1, got {getattr(self, name)}")
-        if self.iterations < 0:
-            raise UserError(f"{path}.iterations must be 0 (no training: the new layers as initialised) or more, "
-                            f"got {self.iterations}")
+    def check(self) -> None:
+        """The rule between fields: ValueError naming them."""
         if self.max_size < self.image_size:
-            raise UserError(f"{path}.max_size ({self.max_size}) must be at least image_size ({self.image_size})")
-        if self.lr_step < 1:
-            raise UserError(f"{path}.lr_step must be at least 1 iteration, got {self.lr_step}")
-        if self.epochs < 0:
-            raise UserError(f"{path}.epochs must be 0 (count iterations) or more, got {self.epochs}")
-        if not self.lr > 0:
-            raise UserError(f"{path}.lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "bias_lr_multiplier", "bias_decay_multiplier", "conv_lr_scale",
-                     "head_lr_scale"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{path}.{name} must be 0 or more, got {getattr(self, name)}")
-        if not 0 <= self.frozen_convs <= 5:
-            raise UserError(f"{path}.frozen_convs must be 0..5 (conv1..conv5), got {self.frozen_convs}")
-        for name in ("momentum", "flip_probability"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{path}.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.roi_pool not in ROI_POOLS:
-            raise UserError(f"{path}.roi_pool must be one of {', '.join(ROI_POOLS)}, got {self.roi_pool!r}")
+            raise ValueError(f"max_size ({self.max_size}) must be at least image_size ({self.image_size})")
 
 
 @dataclass(frozen=True)
