@@ -1,143 +1,74 @@
-"""The transfer stages at real VOC scale and on the mini-benchmark.
+"""The transfer stages at real VOC 2007 scale: Selective Search proposals, the detection stage's
+speed and memory, and the three transfer stages on the mini-benchmark.
 
-    python benchmarks/bench_transfer.py detection [--work DIR] [--device cpu|cuda] [--iterations 40]
-                                                  [--test-images 20] [--proposals sliding_window]
-    python benchmarks/bench_transfer.py mini [--shards data/mini-shards]
+    python benchmarks/bench_transfer.py [--parts proposals,detection,mini] [--images 48] [--workers N]
+        [--keep DIR] [--trainval 5011 --test 4952] [--prepare-only] [--device cpu|cuda]
+        [--iterations 40] [--test-images 20] [--proposals sliding_window] [--shards data/mini-shards]
 
-Sections (each a function of its own; shared helpers first):
+The sets are generated (``itl_ray.datasets.synthetic.synthesize_voc2007``): VOC 2007's image size
+(500 x 375) with 1 to 6 objects per image whose shorter side runs from 16 px to the whole image,
+so every size bin of the recall report is populated. VOC 2007 itself has 5,011 trainval + 4,952
+test images.
 
-- shared: ``generate_voc2007_sized`` writes a generated VOC 2007 of the real size (5,011 trainval
-  + 4,952 test images, most 500 x 375 or 375 x 500 px, photo-like backgrounds, 1-6 objects of the
-  20 classes per image whose shorter sides range from 12 to 350 px, the small ones marked
-  difficult) in the devkit layout, and ``itl-ray prepare voc2007`` prepares it (both cached in
-  ``--work``).
-- detection: one PASCAL-DET run with Fast R-CNN's CaffeNet recipe (``DetectionConfig``'s
-  defaults: 600 px, 2 images and 128 RoIs per step, the study's full-width AlexNet at 227 px,
-  random weights: speed does not depend on them) for ``--iterations`` steps and a test pass over
-  ``--test-images`` test images, in a fresh process, so that its peak resident memory
-  (``ru_maxrss``) is the stage's alone. Prints training iterations per second (between the first
-  and the last curve point, so start-up is not counted), test images per second, the resident
-  memory before the stage and at its peak (target: under 4 GB on a CPU), and the full recipe's
-  time (40,000 iterations and all 4,952 test images) extrapolated from these rates, marked as an
-  extrapolation. ``--proposals sliding_window`` (the default here) times the stage without
-  Selective Search boxes; ``selective_search`` needs a prepared folder that holds them.
-- mini: the three transfer stages of one trial of ``sweeps/smoke.yaml`` (its settings, one torch
-  thread as the demo runs each trial) on the prepared mini-benchmark, on a random-init backbone of
-  the smoke sweep's size; prints seconds per stage (target: under 90 s for the three).
+Parts (``--parts``, comma-separated; default ``proposals``), each a function
+``part(args, folder) -> dict`` in ``PARTS``:
+- ``proposals``: Selective Search over all of VOC 2007 takes hours on a few cores, so ``--images``
+  takes a sample of the set (half trainval, half test), reported as a sample, and the full set's
+  time is extrapolated from the measured CPU time per image. ``itl-ray prepare voc2007`` runs on the
+  sample with ``--workers`` processes (the path a user takes), then from its PREPARED.json and
+  report.json: Selective Search CPU seconds per image (one core), wall time, boxes per image,
+  recall at IoU 0.5 of the ground-truth boxes overall and by shorter side (< 32, 32-64, 64-128,
+  >= 128 px). Target: recall >= 0.95 for objects of 32 px and more.
+- ``detection``: a set of ``--trainval`` + ``--test`` images (the real size by default), prepared
+  as ``itl-ray prepare voc2007`` prepares it (Selective Search included: that is prepare's cost,
+  hours on a few cores for the full size; ``--prepare-only`` stops there), then one PASCAL-DET run
+  with Fast R-CNN's CaffeNet recipe (``DetectionConfig``'s defaults: 600 px, 2 images and 128
+  RoIs per step, the study's full-width AlexNet at 227 px, random weights: speed does not depend
+  on them) for ``--iterations`` steps and a test pass over ``--test-images`` test images, in a
+  fresh process, so that its peak resident memory (``ru_maxrss``) is the stage's alone. Prints
+  training iterations per second (between the first and the last curve point, so start-up is not
+  counted), test images per second, the resident memory before the stage and at its peak (target:
+  under 4 GB on a CPU), and the full recipe's time (40,000 iterations and all 4,952 test images)
+  extrapolated from these rates, marked as an extrapolation. ``--proposals sliding_window`` (the
+  default here) times the stage with dense windows (``--window-stride 0.18``: about 2,000 per
+  image, Selective Search's count); ``selective_search`` uses the stored proposals.
+- ``mini``: the three transfer stages of one trial of ``sweeps/smoke.yaml`` (its settings, one
+  torch thread as the demo runs each trial) on the prepared mini-benchmark (``--shards``), on a
+  random-init backbone of the smoke sweep's size; prints seconds per stage (target: under 90 s for
+  the three).
 
-The last line of each command is JSON.
+The work folder is ``--keep`` (kept, and the generated and prepared sets in it reused) or a
+temporary one. The last line is JSON with every part's figures, keyed by part.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from itl_ray.datasets.voc import VOC_CLASSES, voc_splits  # noqa: E402
+from itl_ray.datasets.synthetic import synthesize_voc2007  # noqa: E402
+from itl_ray.datasets.voc import voc_splits  # noqa: E402
+from itl_ray.prepare import PrepareSettings, prepare  # noqa: E402
 from itl_ray.shards import Prepared  # noqa: E402
 
 VOC2007_TRAINVAL, VOC2007_TEST = 5011, 4952  # images in VOC 2007's trainval and test
+VOC2007_IMAGES = VOC2007_TRAINVAL + VOC2007_TEST
+RECALL_TARGET = 0.95  # for objects of 32 px and more
 RECIPE_ITERATIONS = 40000  # Fast R-CNN's CaffeNet schedule (DetectionConfig().iterations)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared: a generated VOC 2007 of the real size
-
-
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """A photo-like background: smooth colour gradients and mild noise (JPEGs of a real photo's size)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.empty((height, width, 3), np.float32)
-    for channel in range(3):
-        a, b, c = rng.uniform(-1, 1, 3)
-        image[..., channel] = 128 + 60 * np.sin(a * x / 40 + b * y / 50 + c * 6)
-    image += rng.normal(0, 12, image.shape).astype(np.float32)
-    return image.clip(0, 255).astype(np.uint8)
-
-
-def _voc_image(job: tuple) -> str:
-    """Worker: one generated image and its annotation. Returns the image id."""
-    from PIL import Image, ImageDraw
-
-    base, index, seed = job
-    rng = np.random.default_rng((seed, index))
-    width, height = (500, int(rng.choice([375, 333, 281, 500]))) if rng.uniform() < 0.7 else (375, 500)
-    image = Image.fromarray(_background(rng, width, height))
-    draw = ImageDraw.Draw(image)
-    objects = []
-    for _ in range(int(rng.integers(1, 7))):
-        name = VOC_CLASSES[int(rng.integers(len(VOC_CLASSES)))]
-        short = float(np.exp(rng.uniform(math.log(12), math.log(350))))
-        aspect = float(np.exp(rng.uniform(math.log(0.4), math.log(2.5))))
-        box_w = int(min(width, max(short, short * aspect)))
-        box_h = int(min(height, max(short, short / aspect)))
-        left, top = int(rng.integers(0, width - box_w + 1)), int(rng.integers(0, height - box_h + 1))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        shape = draw.ellipse if VOC_CLASSES.index(name) % 2 else draw.rectangle
-        shape((left, top, left + box_w - 1, top + box_h - 1), fill=colour, outline=(0, 0, 0))
-        objects.append((name, (left + 1, top + 1, left + box_w, top + box_h), min(box_w, box_h) < 16))
-    image_id = f"{index:06d}"
-    image.save(Path(base) / "JPEGImages" / f"{image_id}.jpg", quality=90)
-    parts = [f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename>",
-             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
-    for name, (x0, y0, x1, y1), difficult in objects:
-        parts.append(f"<object><name>{name}</name><truncated>0</truncated><difficult>{int(difficult)}</difficult>"
-                     f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox>"
-                     "</object>")
-    (Path(base) / "Annotations" / f"{image_id}.xml").write_text("".join(parts) + "</annotation>\n")
-    return image_id
-
-
-def generate_voc2007_sized(root: Path, trainval: int = VOC2007_TRAINVAL, test: int = VOC2007_TEST, seed: int = 0,
-                           workers: int | None = None) -> Path:
-    """Write the generated VOC 2007 under ``root/VOCdevkit/VOC2007`` (skipped when a complete one
-    with these sizes is there); returns ``root/VOCdevkit``."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    devkit = root / "VOCdevkit"
-    base = devkit / "VOC2007"
-    stamp = root / "GENERATED.json"
-    identity = {"trainval": trainval, "test": test, "seed": seed}
-    if stamp.is_file() and json.loads(stamp.read_text()) == identity:
-        return devkit
-    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (base / folder).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        ids = list(pool.map(_voc_image, [(str(base), index, seed) for index in range(trainval + test)],
-                            chunksize=64))
-    (base / "ImageSets/Main/trainval.txt").write_text("\n".join(ids[:trainval]) + "\n")
-    (base / "ImageSets/Main/test.txt").write_text("\n".join(ids[trainval:]) + "\n")
-    stamp.write_text(json.dumps(identity))
-    print(f"generated {trainval + test:,} VOC-2007-sized images in {time.perf_counter() - started:.0f} s", flush=True)
-    return devkit
-
-
-def prepared_voc2007(work: Path, trainval: int, test: int, workers: int | None = None) -> Path:
-    """The generated set, prepared as `itl-ray prepare voc2007` prepares it (cached)."""
-    from itl_ray.prepare import prepare
-
-    devkit = generate_voc2007_sized(work / f"voc2007-{trainval}-{test}", trainval, test, workers=workers)
-    out = work / f"voc2007-{trainval}-{test}-prepared"
-    started = time.perf_counter()
-    info = prepare("voc2007", str(devkit), out, workers=workers)
-    print(f"prepared {info['images']:,} images ({time.perf_counter() - started:.0f} s)", flush=True)
-    return out
 
 
 def peak_rss_gib() -> float:
@@ -146,7 +77,104 @@ def peak_rss_gib() -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Proposals
+
+
+def generated_set(args, folder: Path) -> Path:
+    """The sample of the VOC-2007-sized set (generated once per folder); returns its VOCdevkit."""
+    trainval = (args.images + 1) // 2
+    started = time.perf_counter()
+    root = synthesize_voc2007(folder / "voc2007", trainval=trainval, test=args.images - trainval, seed=0,
+                              workers=args.workers)
+    print(f"generated {args.images} images of 500x375 in {time.perf_counter() - started:.1f} s", flush=True)
+    return root / "VOCdevkit"
+
+
+def bench_proposals(args, folder: Path) -> dict:
+    """Selective Search through `itl-ray prepare voc2007`: time per image and recall by size."""
+    devkit = generated_set(args, folder)
+    out = folder / "prepared"
+    started = time.perf_counter()
+    info = prepare("voc2007", str(devkit), out, PrepareSettings(short_side=0), workers=args.workers)
+    wall = time.perf_counter() - started
+    report = json.loads((out / "report.json").read_text())["proposals"]
+    timing = info["proposal_timing"]
+    per_image = timing["cpu_seconds_per_image"]
+    recall = report["recall_iou_0.5"]
+    found = sum(recall[name]["found"] for name in ("32-64", "64-128", ">=128"))
+    objects = sum(recall[name]["objects"] for name in ("32-64", "64-128", ">=128"))
+    large_recall = found / objects if objects else None
+    result = {
+        "images": args.images, "sample_of": VOC2007_IMAGES, "workers": timing["workers"],
+        "selective_search_cpu_s_per_image": per_image, "prepare_wall_s": round(wall, 1),
+        "boxes_per_image": report["boxes_per_image"],
+        "recall_iou_0.5": {name: value["recall"] for name, value in recall.items()},
+        "objects": {name: value["objects"] for name, value in recall.items()},
+        "recall_32px_and_more": round(large_recall, 4) if large_recall is not None else None,
+        "recall_target_met": large_recall is not None and large_recall >= RECALL_TARGET,
+        "full_set_hours_on_these_workers": round(per_image * VOC2007_IMAGES / timing["workers"] / 3600, 2),
+        "full_set_hours_on_16_cores": round(per_image * VOC2007_IMAGES / 16 / 3600, 2),
+    }
+    print(f"Selective Search: {per_image:.2f} CPU s per 500x375 image (one core); {args.images} images (a sample "
+          f"of {VOC2007_IMAGES:,}) took {wall:.0f} s wall with {timing['workers']} workers, generation excluded",
+          flush=True)
+    print(f"boxes per image: mean {report['boxes_per_image']['mean']}, min {report['boxes_per_image']['min']}, "
+          f"max {report['boxes_per_image']['max']}", flush=True)
+    for name in ("all", "<32", "32-64", "64-128", ">=128"):
+        value = recall[name]
+        shown = "n/a" if value["recall"] is None else f"{value['recall']:.3f}"
+        print(f"recall at IoU 0.5, {name:>6}: {shown} ({value['found']}/{value['objects']} objects)", flush=True)
+    verdict = "met" if result["recall_target_met"] else "NOT met"
+    print(f"recall for objects >= 32 px: {result['recall_32px_and_more']} (target {RECALL_TARGET}: {verdict})",
+          flush=True)
+    print(f"the full VOC 2007 ({VOC2007_IMAGES:,} images) would take about "
+          f"{result['full_set_hours_on_these_workers']} h with {timing['workers']} workers here, "
+          f"{result['full_set_hours_on_16_cores']} h on 16 such cores", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Detection
+
+
+def prepared_voc2007(args, folder: Path) -> Path:
+    """The detection part's set (``--trainval`` + ``--test`` images), generated and prepared as
+    `itl-ray prepare voc2007` prepares it, both reused from ``folder`` when already there."""
+    started = time.perf_counter()
+    root = synthesize_voc2007(folder / f"voc2007-{args.trainval}-{args.test}", trainval=args.trainval,
+                              test=args.test, seed=0, workers=args.workers)
+    print(f"generated {args.trainval + args.test:,} images ({time.perf_counter() - started:.0f} s)", flush=True)
+    out = folder / f"voc2007-{args.trainval}-{args.test}-prepared"
+    started = time.perf_counter()
+    info = prepare("voc2007", str(root / "VOCdevkit"), out, workers=args.workers)
+    print(f"prepared {info['images']:,} images ({time.perf_counter() - started:.0f} s)", flush=True)
+    return out
+
+
+RUN_OPTIONS = ("device", "iterations", "test_images", "proposals", "threads", "width", "resolution", "image_size",
+               "max_size", "window_stride")  # passed on to the fresh process of the detection run
+
+
+def bench_detection(args, folder: Path) -> dict:
+    """The detection stage's speed and memory (see the module docstring)."""
+    started = time.perf_counter()
+    prepared = prepared_voc2007(args, folder)
+    if args.prepare_only:
+        return {"prepared": str(prepared), "seconds": round(time.perf_counter() - started, 1)}
+    command = [sys.executable, __file__, "--detection-run", str(prepared)]
+    for name in RUN_OPTIONS:
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+        raise SystemExit(f"the detection run failed (exit {done.returncode})")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"detection on {result['device']} ({result['threads']} threads), {result['trainval_images']:,} trainval "
+          f"images: {result['train_it_s']} it/s, test {result['test_images_s']} images/s, resident memory "
+          f"{result['rss_before_stage_gib']} GiB before the stage, peak {result['peak_rss_gib']} GiB "
+          f"(target < 4 GB); full recipe extrapolated: {result['extrapolated_full_recipe']['total_minutes']} min",
+          flush=True)
+    return result
 
 
 def detection_run(args) -> dict:
@@ -159,7 +187,7 @@ def detection_run(args) -> dict:
     device, iterations, test_images = args.device, args.iterations, args.test_images
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = voc_splits(Prepared(args.prepared, "voc2007"), "trainval", "test")
+    data = voc_splits(Prepared(args.detection_run, "voc2007"), "trainval", "test")
     data = replace(data, test=replace(data.test, images=data.test.images[:test_images],
                                       rows=data.test.rows[:test_images]))
     torch.manual_seed(0)
@@ -209,34 +237,11 @@ def detection_run(args) -> dict:
     return result
 
 
-def detection(args) -> dict:
-    started = time.perf_counter()
-    prepared = prepared_voc2007(Path(args.work), args.trainval, args.test, args.workers)
-    if args.prepare_only:
-        return {"prepared": str(prepared), "seconds": round(time.perf_counter() - started, 1)}
-    command = [sys.executable, __file__, "detection-run", "--prepared", str(prepared), "--device", args.device,
-               "--iterations", str(args.iterations), "--test-images", str(args.test_images),
-               "--proposals", args.proposals, "--threads", str(args.threads), "--width", str(args.width),
-               "--resolution", str(args.resolution), "--image-size", str(args.image_size),
-               "--max-size", str(args.max_size), "--window-stride", str(args.window_stride)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-        raise SystemExit(f"the detection run failed (exit {done.returncode})")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"detection on {result['device']} ({result['threads']} threads), {result['trainval_images']:,} trainval "
-          f"images: {result['train_it_s']} it/s, test {result['test_images_s']} images/s, resident memory "
-          f"{result['rss_before_stage_gib']} GiB before the stage, peak {result['peak_rss_gib']} GiB "
-          f"(target < 4 GB); full recipe extrapolated: {result['extrapolated_full_recipe']['total_minutes']} min",
-          flush=True)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # The mini-benchmark
 
 
-def mini(args) -> dict:
+def bench_mini(args, folder: Path) -> dict:
     """The three transfer stages of a smoke-sweep trial on the prepared mini-benchmark."""
     from itl_ray.config import load_spec
     from itl_ray.datasets.sun397 import scene_data
@@ -275,43 +280,54 @@ def mini(args) -> dict:
     return {"mini_transfer_seconds": total, "per_stage_seconds": seconds, "load_average": load}
 
 
-def main(argv: list[str] | None = None) -> int:
+PARTS = {"proposals": bench_proposals, "detection": bench_detection, "mini": bench_mini}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    det = commands.add_parser("detection", help="detection speed and memory on a generated VOC-2007-sized set")
-    det.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "itl-bench-transfer"))
-    det.add_argument("--trainval", type=int, default=VOC2007_TRAINVAL)
-    det.add_argument("--test", type=int, default=VOC2007_TEST)
-    det.add_argument("--workers", type=int, default=0, help="processes generating and preparing (0: all cores)")
-    det.add_argument("--prepare-only", action="store_true", help="generate and prepare the set, time nothing")
-    run = commands.add_parser("detection-run", help=argparse.SUPPRESS)
-    run.add_argument("--prepared", required=True)
-    for sub in (det, run):
-        sub.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-        sub.add_argument("--iterations", type=int, default=40)
-        sub.add_argument("--test-images", type=int, default=20)
-        sub.add_argument("--proposals", default="sliding_window", choices=("sliding_window", "selective_search"))
-        sub.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-        sub.add_argument("--width", type=float, default=1.0, help="AlexNet width (1.0: the study's)")
-        sub.add_argument("--resolution", type=int, default=227, help="AlexNet's pretraining resolution, px")
-        sub.add_argument("--image-size", type=int, default=600, help="shorter image side, px (the recipe: 600)")
-        sub.add_argument("--max-size", type=int, default=1000, help="longer side cap, px (the recipe: 1000)")
-        sub.add_argument("--window-stride", type=float, default=0.5,
-                         help="sliding windows' step (0.2: about 2,000 windows per 500 x 375 image, Selective "
-                              "Search's count, for timing)")
-    small = commands.add_parser("mini", help="the three transfer stages on the prepared mini-benchmark")
-    small.add_argument("--shards", default=str(REPO / "data" / "mini-shards"))
+    parser.add_argument("--parts", default="proposals", help=f"comma-separated, of: {', '.join(PARTS)}")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="processes generating and preparing (default: all cores)")
+    parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
+    proposals = parser.add_argument_group("proposals")
+    proposals.add_argument("--images", type=int, default=48, help="images of the generated set (a sample of 9,963)")
+    detection = parser.add_argument_group("detection")
+    detection.add_argument("--trainval", type=int, default=VOC2007_TRAINVAL)
+    detection.add_argument("--test", type=int, default=VOC2007_TEST)
+    detection.add_argument("--prepare-only", action="store_true", help="generate and prepare the set, time nothing")
+    detection.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    detection.add_argument("--iterations", type=int, default=40)
+    detection.add_argument("--test-images", type=int, default=20)
+    detection.add_argument("--proposals", default="sliding_window", choices=("sliding_window", "selective_search"))
+    detection.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    detection.add_argument("--width", type=float, default=1.0, help="AlexNet width (1.0: the study's)")
+    detection.add_argument("--resolution", type=int, default=227, help="AlexNet's pretraining resolution, px")
+    detection.add_argument("--image-size", type=int, default=600, help="shorter image side, px (the recipe: 600)")
+    detection.add_argument("--max-size", type=int, default=1000, help="longer side cap, px (the recipe: 1000)")
+    detection.add_argument("--window-stride", type=float, default=0.5,
+                           help="sliding windows' step (0.18: about 2,000 windows per 500 x 375 image, Selective "
+                                "Search's count, for timing)")
+    detection.add_argument("--detection-run", default=None, help=argparse.SUPPRESS)  # the fresh process
+    mini_options = parser.add_argument_group("mini")
+    mini_options.add_argument("--shards", default=str(REPO / "data" / "mini-shards"))
     args = parser.parse_args(argv)
-    if args.command == "detection":
-        args.workers = args.workers or None
-        result = detection(args)
-    elif args.command == "detection-run":
-        result = detection_run(args)
-    else:
-        result = mini(args)
-    print(json.dumps(result))
-    return 0
+    if args.detection_run:
+        print(json.dumps(detection_run(args)))
+        return
+    parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or args.images < 2:
+        parser.error(f"unknown part {unknown[0]!r}" if unknown else "--images must be at least 2")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d')}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-transfer-") as temporary:
+        folder = Path(args.keep) if args.keep else Path(temporary)
+        folder.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            results[part] = PARTS[part](args, folder)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -228,7 +228,10 @@ def pretrain(
 ) -> dict:
     """Train ``model`` in place on ``train``; resumes from ``checkpoint`` when it exists. Returns final
     metrics (``pretrain_top1`` in percent on ``val``, the validation images of the trained classes).
-    ``runtime`` sets how fast images arrive, not which (``PretrainRuntime``)."""
+    After each epoch ``on_epoch(epoch, curves)`` gets the training curves at step = epoch:
+    ``pretrain/loss`` (mean cross-entropy of the epoch's steps), ``pretrain/val_top1`` (percent on
+    ``val``) and ``pretrain/lr`` (the epoch's learning rate). ``runtime`` sets how fast images arrive, not which
+    (``PretrainRuntime``)."""
     device = torch.device(device)
     channels_last = switched(runtime.channels_last, device)
     dtype = autocast_dtype(config.precision, device)
@@ -279,9 +282,10 @@ def pretrain(
                 seen += len(labels)
             loss = total_loss.item() / max(1, steps)  # waits for the epoch's last step
             rate = seen / max(1e-9, time.perf_counter() - started)
+            lr = optimizer.param_groups[0]["lr"]  # the epoch's rate, before the schedule steps
             scheduler.step()
             accuracy = evaluate(model, val_batches.epoch(), dtype)
-            metrics = {"pretrain_loss": loss, "pretrain_val_top1": 100 * accuracy}
+            metrics = {"pretrain/loss": loss, "pretrain/val_top1": 100 * accuracy, "pretrain/lr": lr}
             save_atomically(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
@@ -290,8 +294,8 @@ def pretrain(
                  "epoch": epoch, "config": asdict(config)},
                 checkpoint,
             )
-            log(f"pretrain: epoch {epoch}/{config.epochs} loss {metrics['pretrain_loss']:.3f} "
-                f"val top-1 {metrics['pretrain_val_top1']:.1f}% ({rate:,.0f} img/s)")
+            log(f"pretrain: epoch {epoch}/{config.epochs} loss {loss:.3f} val top-1 {100 * accuracy:.1f}% "
+                f"({rate:,.0f} img/s)")
             on_epoch(epoch, metrics)
         if accuracy is None:  # every epoch was done before this call
             accuracy = evaluate(model, val_batches.epoch(), dtype)

@@ -2,7 +2,8 @@
 
 A trial is a pure function of its config. Its working folder keeps each stage's result (written
 atomically), so a rerun of the same config skips finished stages: pretraining resumes from its
-last epoch checkpoint, and a finished transfer evaluation is not run again.
+last epoch checkpoint, and a finished transfer evaluation is not run again. The folder also holds
+the trial's record (``RECORD_FILES``): its resolved config, its label set and its subset.
 
 This module imports neither Ray nor MLflow: ``report`` is how results leave it (Ray Tune in a
 sweep, MLflow or the terminal for ``itl-ray trial``).
@@ -26,7 +27,7 @@ from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import partition_rows, scene_data
 from itl_ray.datasets.voc import voc_splits
 from itl_ray.errors import UserError
-from itl_ray.files import atomic_path, write_json
+from itl_ray.files import atomic_path, write_atomically, write_json
 from itl_ray.image_rows import ImageRows
 from itl_ray.metrics import FINAL_METRICS
 from itl_ray.models import AlexNet
@@ -37,10 +38,20 @@ from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
 from itl_ray.transfer.scene import evaluate_scene
 
-# report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
-# step = epoch), "curve" (a stage's training curves, step = its iteration or epoch), "stage" (a
-# finished transfer stage's metrics) or "final" (all final metrics).
+# report(kind, payload, step): kind "params" (dict of params), "epoch" (pretraining's curves after
+# an epoch, step = epoch; a sweep checkpoints the folder then), "curve" (a transfer stage's curves,
+# step = its iteration or epoch), "stage" (a finished stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
+
+# The trial's record in its working folder, logged with its MLflow run: the resolved config, the
+# label set (``itl-ray labels`` format) and the subset (its images in order, and its hash).
+RECORD_FILES = ("config.yaml", "label_set.tsv", "subset.tsv", "subset.json")
+# The folder of the per-image test scores (Parquet), logged with the run too: the same name as
+# ``itl_ray.per_image.FOLDER`` (not imported: that module needs pandas and scipy, which a bare GPU
+# machine running a trial lacks; a test checks the two are equal).
+PER_IMAGE = "per_image"
+# Config keys recorded under the study's short names (``params``), so each fact is one param.
+SHORT_NAMES = {"pretrain.images_per_class": "images_per_class", "pretrain.label_set": "label_set"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,9 +118,10 @@ def _open(folder: str, kind: str, setting: str) -> Prepared:
 
 def read_inputs(config: TrialConfig) -> Inputs:
     """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
-    the label set, and check that the SUN397 partition was prepared, so that a wrong path, a
-    damaged folder or an impossible setting fails before any training (the sweep calls this for
-    every trial first, ``itl-ray trial`` before its trial)."""
+    the label set, check that the SUN397 partition was prepared and, when detection uses Selective
+    Search, that every VOC 2007 image has its stored proposals (``Prepared.check_proposals``), so
+    that a wrong path, a damaged folder or an impossible setting fails before any training (the
+    sweep calls this for every trial first, ``itl-ray trial`` before its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -126,22 +138,19 @@ def read_inputs(config: TrialConfig) -> Inputs:
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
     sun397 = _open(config.data.sun397, "sun397", "data.sun397")
     partition_rows(sun397, config.data.sun397_partition)
+    voc2007 = _open(config.data.voc2007, "voc2007", "data.voc2007")
+    if config.transfer.detection.proposals == "selective_search":
+        voc2007.check_proposals()  # a folder prepared before proposals were stored is refused here
     return Inputs(
         imagenet=imagenet,
         train_rows=train_rows[list(subset.indices)],
         val_rows=val_rows,
         subset=subset,
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
-        voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
+        voc2007=voc2007,
         voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
         sun397=sun397,
     )
-
-
-# The trial folder's sub-folder of per-image test scores: ``itl_ray.per_image.FOLDER`` (not imported:
-# that module needs pandas and scipy, which a bare GPU machine running a trial lacks; a test checks
-# the two are equal).
-PER_IMAGE = "per_image"
 
 
 def write_per_image(workdir: Path, output: StageOutput) -> list[Path]:
@@ -160,6 +169,64 @@ def write_per_image(workdir: Path, output: StageOutput) -> list[Path]:
     return written
 
 
+def write_record(config: TrialConfig, inputs: Inputs, folder: Path) -> None:
+    """Write the trial's record (``RECORD_FILES``) into ``folder``, each file atomically:
+    ``config.yaml`` (the resolved config, as ``config.from_dict`` reads it), ``label_set.tsv``
+    (``wnid<TAB>group_wnid`` over the subset's classes), ``subset.tsv`` (``image_key<TAB>wnid
+    <TAB>manifest_row``, one row per pretraining image in the subset's order: its hash is the
+    first 16 hex digits of the SHA-256 of the image_key column joined by newlines) and
+    ``subset.json`` (the hash, the classes in rank order, the counts and the shortfall)."""
+    import yaml
+
+    subset = inputs.subset
+    sources, labels = inputs.imagenet.column("source"), inputs.imagenet.column("label")
+    header = f"# trial {trial_id(config)}: its resolved config\n"
+    write_atomically(folder / "config.yaml", header + yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_atomically(folder / "label_set.tsv", label_sets.label_set_tsv(inputs.mapping))
+    rows = "".join(f"{subsets.image_key(sources[row])}\t{labels[row]}\t{row}\n" for row in inputs.train_rows)
+    write_atomically(folder / "subset.tsv", "image_key\twnid\tmanifest_row\n" + rows)
+    write_json(folder / "subset.json", {
+        "subset_hash": subset.subset_hash if config.pretrain.images_per_class else "none",
+        "hash_of": "sha256 of the image_key column of subset.tsv joined by newlines, first 16 hex digits",
+        "images": len(inputs.train_rows),
+        "images_per_class": config.pretrain.images_per_class,
+        "classes": list(subset.classes),
+        "shortfall": subset.shortfall,
+    })
+
+
+def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> dict:
+    """The trial's params, each fact once: the study's axes under their short names
+    (``num_classes``: the classes the network learns to tell apart, i.e. the label set's groups;
+    ``source_classes``: the ImageNet classes the subset draws from, the same number for the fine
+    label set, 1000 for up_down_127; ``images_per_class``, ``label_set``, ``seed``,
+    ``pretrain_images``, ``subset_hash``), the device it ran on, the identity hashes
+    (``trial_id``, ``label_set_hash``) and every other setting under its dotted key. Left out:
+    ``name``, the sweep's name, which is the MLflow experiment itself; ``runtime.device``, the
+    setting (``auto``), for the device used; ``pretrain.num_classes``, the classes asked for, which
+    ``source_classes`` resolves. ``data_hash.<setting>`` names each prepared dataset by its content
+    (``Prepared.content_hash``), as ``trial_id`` does."""
+    subset, pre = inputs.subset, config.pretrain
+    settings = flatten(to_dict(config))
+    return {
+        **{key: value for key, value in settings.items()
+           if key not in (*SHORT_NAMES, "name", "runtime.device", "pretrain.num_classes")},
+        **{short: settings[key] for key, short in SHORT_NAMES.items()},
+        "trial_id": trial_id(config),
+        **{f"data_hash.{setting}": data.content_hash for setting, data in
+           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
+            ("sun397", inputs.sun397))},
+        "num_classes": len(set(inputs.mapping.values())),
+        "source_classes": len(subset.classes),
+        "label_set_hash": label_set_hash(inputs.mapping),
+        "subset_hash": subset.subset_hash if pre.images_per_class else "none",
+        "pretrain_images": len(inputs.train_rows),
+        "shortfall_classes": len(subset.shortfall),
+        "shortfall_images": sum(subset.shortfall.values()),
+        "device": device.type,
+    }
+
+
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
@@ -168,34 +235,20 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         torch.set_num_threads(runtime.threads)
     device = pick_device(runtime.device)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
     stages = store.load()
 
     inputs = read_inputs(config)
-    subset, mapping = inputs.subset, inputs.mapping
+    write_record(config, inputs, workdir)
+    mapping = inputs.mapping
     pre = config.pretrain
     groups = sorted(set(mapping.values()))
     group_index = {group: i for i, group in enumerate(groups)}
-    params = {
-        **flatten(to_dict(config)),
-        "trial_id": trial_id(config),
-        **{f"data_hash.{setting}": data.content_hash for setting, data in
-           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
-            ("sun397", inputs.sun397))},
-        "num_classes": len(groups),
-        "source_classes": len(subset.classes),
-        "images_per_class": pre.images_per_class,
-        "label_set": pre.label_set,
-        "label_set_hash": label_set_hash(mapping),
-        "seed": config.seed,
-        "subset_hash": subset.subset_hash if pre.images_per_class else "none",
-        "pretrain_images": len(inputs.train_rows),
-        "shortfall_classes": len(subset.shortfall),
-        "shortfall_images": sum(subset.shortfall.values()),
-        "device": device.type,
-    }
+    params = trial_params(config, inputs, device)
     report("params", params, None)
+
+    def curve(metrics: dict[str, float], step: int) -> None:  # a transfer stage's training curves
+        report("curve", metrics, step)
 
     torch.manual_seed(config.seed)
     model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
@@ -205,6 +258,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
         log("pretrain: done earlier, weights loaded")
     else:
+        stage_started = time.time()
         log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
 
         def images(rows: np.ndarray) -> ImageRows:  # shard rows with their (label set's) class index
@@ -221,12 +275,14 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
+        result["seconds/pretrain"] = time.time() - stage_started
         store.save("pretrain", result)
         stages = store.load()
+        # The weights and the stage's result are kept; the epoch checkpoint (weights, optimizer,
+        # generators) is needed no more, and the sweep's checkpoints need not carry it.
+        (workdir / "pretrain.pt").unlink(missing_ok=True)
+        report("stage", result, None)
     model.to(device)
-
-    def curve(metrics: dict[str, float], step: int) -> None:
-        report("curve", metrics, step)
 
     transfers = {
         "detection": lambda: evaluate_detection(model, voc_splits(inputs.voc2007, "trainval", "test"),
@@ -235,7 +291,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         "action": lambda: evaluate_action(model, voc_splits(inputs.voc2012, "train", "val"), config.transfer.action,
                                           device, config.seed, log=log, curve=curve, runtime=runtime.action),
         "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
-                                        config.transfer.scene, device, config.seed, log=log),
+                                        config.transfer.scene, device, config.seed, log=log, curve=curve),
     }
     for stage, evaluate in transfers.items():
         if stage in stages:
@@ -248,13 +304,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             result = dict(output.metrics)
         else:
             result = dict(output)
-        result[f"{stage}_seconds"] = time.time() - stage_started
+        result[f"seconds/{stage}"] = time.time() - stage_started
         store.save(stage, result)  # after its per-image tables: a stage marked done has them on disk
         stages = store.load()
         report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
-    final["trial_seconds"] = time.time() - started
+    final["seconds/trial"] = time.time() - started
     report("final", final, None)
     log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
     return final

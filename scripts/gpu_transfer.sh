@@ -6,10 +6,12 @@
 #   bash scripts/gpu_transfer.sh --cpu-smoke  # the same steps, tiny, on a CPU in a few minutes (tests/test_bench_transfer.py)
 #   bash scripts/gpu_transfer.sh --dry-run    # print the commands only
 #
-# Needs python with torch, torchvision, pyarrow, numpy and Pillow (nothing else; the project need
-# not be installed: it runs with PYTHONPATH=.). Parts, each under `timeout`:
-#   1. generate a VOC-2007-sized set (5,011 trainval + 4,952 test images, ~500 x 375 px, objects of
-#      all sizes) and prepare it as `itl-ray prepare voc2007` does (all cores);
+# Needs python with torch, torchvision, pyarrow, numpy, Pillow, opencv-contrib-python-headless
+# (prepare's Selective Search) and nltk with WordNet (the generated set's classes); the project
+# need not be installed: it runs with PYTHONPATH=.. Parts, each under `timeout`:
+#   1. generate a VOC-2007-sized set (5,011 trainval + 4,952 test images, 500 x 375 px, objects of
+#      all sizes: synthesize_voc2007) and prepare it as `itl-ray prepare voc2007` does (all cores),
+#      Selective Search included (about 1.2 CPU s per image: minutes on 16 cores, see LIMIT_DATA);
 #   2. the detection stage with the recipe (600 px, 2 images and 128 RoIs per step, the study's
 #      full-width AlexNet at 227 px, random weights: speed does not depend on them) for
 #      $ITERATIONS iterations and a test pass over $TEST_IMAGES test images, on the GPU, images
@@ -83,8 +85,8 @@ run() {  # run NAME LIMIT COMMAND...: log to $OUT/NAME.log, status to $OUT/NAME.
 
 # Part 1 alone prepares the data (the detection command finds it ready and only times the stage);
 # the stage runs in a fresh process, so its memory figure is its own.
-run data "$LIMIT_DATA" "$PYTHON" benchmarks/bench_transfer.py detection --work "$WORK" "${SET[@]}" --prepare-only
-run detection "$LIMIT_DETECTION" "$PYTHON" benchmarks/bench_transfer.py detection --work "$WORK" "${SET[@]}" "${RUN[@]}"
+run data "$LIMIT_DATA" "$PYTHON" benchmarks/bench_transfer.py --parts detection --keep "$WORK" "${SET[@]}" --prepare-only
+run detection "$LIMIT_DETECTION" "$PYTHON" benchmarks/bench_transfer.py --parts detection --keep "$WORK" "${SET[@]}" "${RUN[@]}"
 [ "$MODE" = dry ] && exit 0
 
 "$PYTHON" - "$OUT" <<'PY'
@@ -97,9 +99,9 @@ log = out / "detection.log"
 for line in reversed(log.read_text(errors="replace").splitlines() if log.is_file() else []):
     if line.startswith("{"):
         try:
-            result = json.loads(line)
+            result = json.loads(line)["detection"]
             break
-        except ValueError:
+        except (ValueError, KeyError, TypeError):
             pass
 status = {name: (out / f"{name}.status").read_text().strip() if (out / f"{name}.status").is_file() else "not run"
           for name in ("data", "detection")}

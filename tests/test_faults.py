@@ -96,7 +96,7 @@ def assert_complete(db: Path, epochs: int) -> dict:
     for name in (PRETRAINED, CONTROL):
         for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
             assert 0.0 <= runs[name].data.metrics[metric] <= 100.0
-    for metric in ("pretrain_loss", "pretrain_val_top1"):
+    for metric in ("pretrain/loss", "pretrain/val_top1"):
         steps = sorted(m.step for m in client.get_metric_history(runs[PRETRAINED].info.run_id, metric))
         assert steps == list(range(1, epochs + 1)), (metric, steps)
         assert not client.get_metric_history(runs[CONTROL].info.run_id, metric)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,9 +47,12 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
                       log=lines.append)
     assert_final_metrics_are_the_stages_results(config, tmp_path / "work", final, reports)
     kinds = [kind for kind, _, _ in reports if kind != "curve"]
-    assert kinds == ["params", "epoch", "epoch", "stage", "stage", "stage", "final"]
-    stage_reports = [payload for kind, payload, _ in reports if kind == "stage"]
-    assert "voc07_det_map" in stage_reports[0] and "sun397_acc" in stage_reports[2]
+    assert kinds == ["params", "epoch", "epoch", "stage", "stage", "stage", "stage", "final"]
+    stages = [payload for kind, payload, _ in reports if kind == "stage"]
+    assert "pretrain_top1" in stages[0] and "voc07_det_map" in stages[1] and "sun397_acc" in stages[3]
+    assert [sorted(key for key in stage if key.startswith("seconds/")) for stage in stages] == [
+        ["seconds/pretrain"], ["seconds/detection"], ["seconds/action"], ["seconds/scene"]]
+    assert "seconds/trial" in final
     # Training curves of the region-based stages, step = iterations done (12 and 10 here).
     curves = [(payload, step) for kind, payload, step in reports if kind == "curve"]
     assert [step for payload, step in curves if "detection/loss" in payload] == [12]
@@ -72,7 +77,28 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
-    assert [step for kind, _, step in reports if kind == "epoch"] == [1, 2]
+    for duplicate in ("pretrain.num_classes", "pretrain.images_per_class", "pretrain.label_set", "name"):
+        assert duplicate not in params  # each fact once, under the study's name
+    # Curves: pretraining's after each epoch; each transfer stage's after each of its epochs (1 here).
+    assert [(step, sorted(payload)) for kind, payload, step in reports if kind == "epoch"] == [
+        (epoch, ["pretrain/loss", "pretrain/lr", "pretrain/val_top1"]) for epoch in (1, 2)]
+    assert [payload["pretrain/lr"] for kind, payload, _ in reports if kind == "epoch"] == [0.02, 0.02]
+    curves = [(step, sorted(payload)) for kind, payload, step in reports if kind == "curve"]
+    assert curves == [(1, ["detection/loss", "detection/lr"]), (1, ["action/loss", "action/lr"]),
+                      (1, ["scene/loss", "scene/lr"])]
+    assert all(value > 0 for kind, payload, _ in reports if kind == "curve" for value in payload.values())
+    # The trial's record: its config, labels and subset, as the files say.
+    work = tmp_path / "work"
+    assert load_spec(work / "config.yaml").trial == config
+    assert (work / "label_set.tsv").read_text().splitlines()[0] == "wnid\tgroup_wnid"
+    assert len((work / "label_set.tsv").read_text().splitlines()) == 1 + 4
+    rows = [line.split("\t") for line in (work / "subset.tsv").read_text().splitlines()]
+    assert rows[0] == ["image_key", "wnid", "manifest_row"] and len(rows) == 1 + 32
+    keys = "\n".join(row[0] for row in rows[1:])
+    assert hashlib.sha256(keys.encode()).hexdigest()[:16] == params["subset_hash"]
+    subset = json.loads((work / "subset.json").read_text())
+    assert subset["subset_hash"] == params["subset_hash"] and subset["images"] == 32 and len(subset["classes"]) == 4
+    assert not (work / "pretrain.pt").exists()  # the epoch checkpoint goes once the weights are saved
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert set(stages) == {"pretrain", "detection", "action", "scene"}
     saved = torch.load(tmp_path / "work" / "backbone.pt")
@@ -88,13 +114,17 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
 
 def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, mini_paths):
     config = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
-    work = tmp_path / "work"
-    first = run_trial(config, work, lambda *a: None, log=lambda line: None)
-    # Forget everything after pretraining epoch 2's checkpoint, as if killed during transfer.
-    (work / "stages.json").unlink()
-    (work / "backbone.pt").unlink()
+    work, snapshot = tmp_path / "work", tmp_path / "epoch2"
+
+    def report(kind, payload, step):  # the folder as a sweep checkpoints it after epoch 2
+        if kind == "epoch" and step == 2:
+            shutil.copytree(work, snapshot)
+
+    first = run_trial(config, work, report, log=lambda line: None)
+    # Start again from that checkpoint, as a retry does after a kill during the transfer stages.
+    assert (snapshot / "pretrain.pt").is_file() and not (snapshot / "backbone.pt").exists()
     lines = []
-    final = run_trial(config, work, lambda *a: None, log=lines.append)
+    final = run_trial(config, snapshot, lambda *a: None, log=lines.append)
     assert any("resumed after epoch 2" in line for line in lines)
     assert {m: final[m] for m in FINAL_METRICS} == {m: first[m] for m in FINAL_METRICS}
 
@@ -104,7 +134,9 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert [kind for kind in reports if kind != "curve"] == ["params", "stage", "stage", "stage", "final"]
+    # Each transfer stage reports its curves (one or more points) before its result.
+    collapsed = [kind for index, kind in enumerate(reports) if kind != "curve" or reports[index - 1] != "curve"]
+    assert collapsed == ["params", "stage", "curve", "stage", "curve", "stage", "curve", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -132,6 +164,7 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     groups = set(label_sets.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
     assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
     assert params["source_classes"] == 40
+    assert len(json.loads((tmp_path / "work" / "subset.json").read_text())["classes"]) == 40
     fine = label_sets.label_set("fine", list(wordnet_classes(mini_paths)))
     from itl_ray.trial import label_set_hash
 
@@ -142,3 +175,23 @@ def wordnet_classes(mini_paths):
     from itl_ray.shards import Prepared
 
     return sorted(set(Prepared(mini_paths["imagenet"], "imagenet").column("label")))
+
+
+def test_a_voc2007_folder_without_proposals_is_refused_before_training(tmp_path, mini_paths):
+    """read_inputs (what a sweep runs for every trial before Ray starts) checks the stored Selective
+    Search proposals when detection uses them, and only then."""
+    from itl_ray.errors import UserError
+
+    folder = tmp_path / "voc2007"
+    shutil.copytree(mini_paths["voc2007"], folder)
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
+    selective = {"data.voc2007": str(folder), "transfer.detection.proposals": "selective_search"}
+    read_inputs(load_spec(spec, selective).trials()[0])  # the prepared folder has them
+    shutil.rmtree(folder / "proposals")  # as a folder copied without them, or damaged, looks
+    with pytest.raises(UserError) as refused:
+        read_inputs(load_spec(spec, selective).trials()[0])
+    message = str(refused.value)
+    assert "data.voc2007" in message and "proposals-00000.arrow is missing" in message
+    assert "run `itl-ray prepare voc2007 ROOT OUT` again" in message and "\n" not in message
+    # Sliding windows need no stored proposals.
+    read_inputs(load_spec(spec, {"data.voc2007": str(folder)}).trials()[0])

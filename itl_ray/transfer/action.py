@@ -297,12 +297,12 @@ def person_crops(images: list[VocImage], encoded, size: int, context: float) -> 
 
 
 def _crops_scores(backbone: AlexNet, data: VocSplits, config: ActionConfig, device: torch.device, seed: int,
-                  log) -> torch.Tensor:
+                  log, curve: Curve) -> torch.Tensor:
     size = short_side_for(backbone.resolution)
     train_x, train_y = person_crops(list(data.train.images), data.train.encoded, size, config.crops.context)
     test_x, _ = person_crops(list(data.test.images), data.test.encoded, size, config.crops.context)
     model = finetune(backbone, train_x, train_y, len(ACTION_CLASSES), config.crops, device, seed,
-                     multi_label=True, log=log, task="action")
+                     multi_label=True, log=log, task="action", curve=curve)
     return torch.sigmoid(predict(model, test_x, device))
 
 
@@ -355,7 +355,7 @@ def evaluate_action(backbone: AlexNet, data: VocSplits, config: ActionConfig, de
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)  # dropout (and the crops model's new fc8) draw from the global generator
         if config.model == "crops":
-            scores = _crops_scores(backbone, data, config, device, seed, log)
+            scores = _crops_scores(backbone, data, config, device, seed, log, curve)
         else:
             workers = runtime.workers or default_workers(device)
             plan = schedule(config, len(train_images))

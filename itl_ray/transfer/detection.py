@@ -88,7 +88,8 @@ convolutions' and the new layers' rates, 1 in the recipe), ``box_normalisation: 
 sweeps/smoke.yaml, with the reason beside each value.
 
 Outputs: ``voc07_det_map`` and ``voc07_det_ap/<class>`` in percent (a class without a non-difficult
-test object has no AP: it is named in the log and left out of the mean), and the per-image tables
+test object has no AP: it is named in the log, left out of the mean and its key omitted, not NaN,
+which tracking backends and tables handle badly), and the per-image tables
 ``voc07_det_detections`` and ``voc07_det_positives`` (CONTRACTS: one row per kept detection with
 its tp/fp flags, one row per test image and class with its positives).
 

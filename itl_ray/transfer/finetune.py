@@ -44,10 +44,12 @@ def finetune(
     multi_label: bool = False,
     log: Callable[[str], None] = print,
     task: str = "finetune",
+    curve: Callable[[dict[str, float], int], None] | None = None,
 ) -> AlexNet:
     """A copy of ``backbone`` with a new ``num_outputs``-way fc8, trained on uint8 images (NxCxSxS,
     S >= the model's resolution; random crops + flips). ``targets``: class indices, or multi-hot
-    floats when ``multi_label``."""
+    floats when ``multi_label``. After each epoch ``curve`` (when given) gets ``<task>/loss`` (the
+    epoch's mean loss) and ``<task>/lr`` (the pretrained layers' rate; fc8's is 10x) at step = epoch."""
     model = copy.deepcopy(backbone)
     model.replace_classifier(num_outputs)
     model.to(device)
@@ -78,6 +80,8 @@ def finetune(
             optimizer.step()
             total += loss.item()
             steps += 1
+        if curve is not None:
+            curve({f"{task}/loss": total / max(1, steps), f"{task}/lr": optimizer.param_groups[0]["lr"]}, epoch)
         scheduler.step()
         if epoch == config.epochs or epoch % 10 == 0:
             log(f"{task}: epoch {epoch}/{config.epochs} loss {total / max(1, steps):.3f}")
