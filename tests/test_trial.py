@@ -79,13 +79,14 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
     for duplicate in ("pretrain.num_classes", "pretrain.images_per_class", "pretrain.label_set", "name"):
         assert duplicate not in params  # each fact once, under the study's name
-    # Curves: pretraining's after each epoch; each transfer stage's after each of its epochs (1 here).
+    # Curves: pretraining's after each epoch; the region-based stages' every 20 iterations and at
+    # the last (12 and 10 here), the scene stage's after each of its epochs (1 here).
     assert [(step, sorted(payload)) for kind, payload, step in reports if kind == "epoch"] == [
         (epoch, ["pretrain/loss", "pretrain/lr", "pretrain/val_top1"]) for epoch in (1, 2)]
     assert [payload["pretrain/lr"] for kind, payload, _ in reports if kind == "epoch"] == [0.02, 0.02]
     curves = [(step, sorted(payload)) for kind, payload, step in reports if kind == "curve"]
-    assert curves == [(1, ["detection/loss", "detection/lr"]), (1, ["action/loss", "action/lr"]),
-                      (1, ["scene/loss", "scene/lr"])]
+    assert curves == [(12, ["detection/loss", "detection/loss_box", "detection/loss_classification", "detection/lr"]),
+                      (10, ["action/loss", "action/lr"]), (1, ["scene/loss", "scene/lr"])]
     assert all(value > 0 for kind, payload, _ in reports if kind == "curve" for value in payload.values())
     # The trial's record: its config, labels and subset, as the files say.
     work = tmp_path / "work"
@@ -182,12 +183,13 @@ def test_a_voc2007_folder_without_proposals_is_refused_before_training(tmp_path,
     Search proposals when detection uses them, and only then."""
     from itl_ray.errors import UserError
 
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
+    selective = {"transfer.detection.proposals": "selective_search"}
+    read_inputs(load_spec(spec, selective).trials()[0])  # the prepared folder has them
     folder = tmp_path / "voc2007"
     shutil.copytree(mini_paths["voc2007"], folder)
-    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
-    selective = {"data.voc2007": str(folder), "transfer.detection.proposals": "selective_search"}
-    read_inputs(load_spec(spec, selective).trials()[0])  # the prepared folder has them
     shutil.rmtree(folder / "proposals")  # as a folder copied without them, or damaged, looks
+    selective["data.voc2007"] = str(folder)
     with pytest.raises(UserError) as refused:
         read_inputs(load_spec(spec, selective).trials()[0])
     message = str(refused.value)
