@@ -53,7 +53,7 @@ from itl_ray.models import MIN_RESOLUTION
 from itl_ray.pretrain import PretrainConfig, PretrainRuntime
 from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths, read_info
 from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
-from itl_ray.transfer.action import ActionConfig
+from itl_ray.transfer.action import ActionConfig, ActionRuntime
 from itl_ray.transfer.detection import DetectionConfig, DetectionRuntime
 from itl_ray.transfer.scene import SceneConfig
 
@@ -98,7 +98,7 @@ class RuntimeConfig:
     """How a trial runs, not what it computes: where, on how many threads, how fast images arrive.
     Not part of ``trial_id``, so a sweep resumed with other values continues its trials and their
     MLflow runs. Each stage's part is declared beside the stage (``PretrainRuntime``,
-    ``DetectionRuntime``); a setting belongs here only if the same seed trains on the same data
+    ``DetectionRuntime``, ``ActionRuntime``); a setting belongs here only if the same seed trains on the same data
     with any value of it."""
 
     # auto: cuda when torch sees a GPU, else cpu. The same seed draws the same subset, order,
@@ -111,6 +111,7 @@ class RuntimeConfig:
     threads: Annotated[int, Ge(0)] = 0
     pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
     detection: DetectionRuntime = field(default_factory=DetectionRuntime)
+    action: ActionRuntime = field(default_factory=ActionRuntime)
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,10 @@ MOVED: dict[str, str] = {
     **{f"pretrain.{key}": f"runtime.pretrain.{key}" for key in
        ("workers", "prefetch", "cache_gib", "cpu_decode_share", "channels_last", "compile")},
     "transfer.detection.test_batch_size": "runtime.detection.test_batch_size",
+    "transfer.detection.batch_size": "transfer.detection.images_per_batch",
+    "transfer.detection.rois_per_image": "transfer.detection.rois_per_batch",
+    "transfer.detection.lr_drop_at": "transfer.detection.lr_step",
+    **{f"transfer.action.{key}": f"transfer.action.crops.{key}" for key in ("context", "batch_size", "lr_drop_every")},
 }
 
 

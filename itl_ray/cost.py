@@ -275,6 +275,8 @@ class TrialCost:
 
 def trial_cost(config, speed: Throughput) -> TrialCost:
     """Pretraining images, iterations and GPU-hours of one trial at ``speed``."""
+    from itl_ray.transfer.regions import schedule
+
     width, resolution = config.model.width, config.model.resolution
     seconds_per_flop = 1 / (3 * image_flops(speed.width, speed.resolution) * speed.img_per_s)
     pre = config.pretrain
@@ -288,27 +290,43 @@ def trial_cost(config, speed: Throughput) -> TrialCost:
     image_width = min(round(height * VOC_ASPECT), detection.max_size)
     convolutions, region = detection_flops(width, resolution, height, image_width)
     proposals = _proposals(detection, height, image_width)
+    trained_images = schedule(detection, sizes["voc2007_trainval"]).iterations * detection.images_per_batch
     detection_flops_total = (
-        detection.epochs * sizes["voc2007_trainval"] * 3 * (convolutions + detection.rois_per_image * region)
+        trained_images * 3 * (convolutions + detection.rois_per_image * region)
         + sizes["voc2007_test"] * (convolutions + proposals * region))
+    action, scene = config.transfer.action, config.transfer.scene
+    if action.model == "crops":
+        action_flops = image * (action.crops.epochs * 3 * sizes["voc2012_action_train_persons"]
+                                + sizes["voc2012_action_val_persons"])
+    else:  # whole images at action.image_size, a few regions each (persons per image: about 1.5 in VOC 2012)
+        action_height = action.image_size
+        action_convolutions, action_region = detection_flops(width, resolution, action_height,
+                                                             min(round(action_height * VOC_ASPECT), action.max_size))
+        train_images = max(1, round(sizes["voc2012_action_train_persons"] / 1.5))
+        action_steps = schedule(action, train_images).iterations * action.images_per_batch
+        action_flops = (action_steps * 3 * (action_convolutions + action.rois_per_batch / action.images_per_batch
+                                            * action_region)
+                        + sizes["voc2012_action_val_persons"] * (action_convolutions / 1.5 + action_region))
     ref_width, ref_resolution, ref_height, ref_image_width, ref_regions = DETECTION_REFERENCE
     ref_convolutions, ref_region = detection_flops(ref_width, ref_resolution, ref_height, ref_image_width)
-    detection_seconds = detection_flops_total / (3 * (ref_convolutions + ref_regions * ref_region) * DETECTION_IMG_PER_S)
-    action, scene = config.transfer.action, config.transfer.scene
-    classification_flops = image * (
-        action.epochs * 3 * sizes["voc2012_action_train_persons"] + sizes["voc2012_action_val_persons"]
-        + scene.epochs * 3 * sizes["sun397_train"] + sizes["sun397_test"])
+    region_seconds = (detection_flops_total + action_flops) / (
+        3 * (ref_convolutions + ref_regions * ref_region) * DETECTION_IMG_PER_S)
+    classification_flops = image * (scene.epochs * 3 * sizes["sun397_train"] + sizes["sun397_test"])
     return TrialCost(
         pretrain_images=size.images,
         iterations=iterations(size.images, pre.epochs, pre.batch_size),
         pretrain_gpu_hours=pretrain_flops * seconds_per_flop / 3600,
-        transfer_gpu_hours=(detection_seconds + classification_flops * seconds_per_flop) / 3600,
+        transfer_gpu_hours=(region_seconds + classification_flops * seconds_per_flop) / 3600,
         nominal=size.nominal,
     )
 
 
 @functools.lru_cache(maxsize=64)
 def _proposals(detection, height: int, width: int) -> int:
+    """Boxes scored per test image: Selective Search's top 2,000 (Fast R-CNN's ``top_k``), or the
+    sliding windows of an image this size."""
     from itl_ray.transfer.detection import sliding_window_proposals
 
+    if detection.proposals == "selective_search":
+        return 2000
     return len(sliding_window_proposals(height, width, detection))

@@ -58,7 +58,10 @@ GroundTruthObject = tuple[Box, bool]
 # label set, VOC 2007 detection mAP, VOC 2012 action mAP, SUN397 scene accuracy (the study's four
 # numbers; names in DESIGN.md's MLflow contract).
 FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
-
+# Per-class metrics, in percent: f"{DETECTION_AP}/<VOC class>" and f"{ACTION_AP}/<action>" (MLflow
+# groups a chart per prefix).
+DETECTION_AP = "voc07_det_ap"
+ACTION_AP = "voc12_act_ap"
 
 
 def matlab_colon(start: float, step: float, stop: float) -> tuple[float, ...]:
@@ -201,27 +204,28 @@ def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     return torchvision.ops.box_iou(boxes + extent, others + extent.to(others.dtype))
 
 
-def detection_ap(
+def match_detections(
     detections: Sequence[Detection],
     ground_truth: Mapping[str, Sequence[GroundTruthObject]],
     iou_threshold: float = 0.5,
-    eleven_point: bool = True,
-    levels: str = DEFAULT_LEVELS,
-) -> float:
-    """AP of one class's detections, the PASCAL VOC devkit's protocol (VOCevaldet).
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The PASCAL VOC devkit's matching of one class's detections (VOCevaldet): which are true and
+    which false positives, and how many positives there are to find.
 
     ``detections``: (image_id, score, box) over all test images; ``ground_truth``: per image id,
     this class's objects as (box, difficult). Boxes are VOC pixel coordinates.
 
-    Detections are taken from the highest score down. Each is compared with every object of
-    its image and goes to the one it overlaps most (the first on ties). If that IoU is below
-    ``iou_threshold`` it is a false positive; otherwise: a difficult object makes it neither
-    true nor false positive (it is dropped), an object not yet detected makes it a true positive
-    and marks the object, an object already detected makes it a false positive (a duplicate).
-    As in the devkit, the best-overlapping object decides, even when another object it also
-    overlaps enough is still free. Difficult objects do not count among the positives.
-    Returns NaN when the class has no non-difficult object (AP is undefined).
-    """
+    Detections are taken from the highest score down (equal scores in input order). Each is
+    compared with every object of its image and goes to the one it overlaps most (the first on
+    ties). If that IoU is below ``iou_threshold`` it is a false positive; otherwise: a difficult
+    object makes it neither true nor false positive (it is ignored), an object not yet detected
+    makes it a true positive and marks the object, an object already detected makes it a false
+    positive (a duplicate). As in the devkit, the best-overlapping object decides, even when
+    another object it also overlaps enough is still free. A detection competes only with the
+    detections of its own image, so the flags of an image do not depend on the other images.
+
+    Returns ``(tp, fp, positives)``: two boolean arrays in the order of ``detections`` and the
+    number of non-difficult objects."""
     import torch
 
     gt_boxes = {image_id: np.array([box for box, _ in objects], dtype=np.float64).reshape(-1, 4)
@@ -234,24 +238,55 @@ def detection_ap(
     scores = np.array([score for _, score, _ in detections], dtype=np.float64)
     is_true = np.zeros(len(detections), dtype=bool)
     is_false = np.zeros(len(detections), dtype=bool)
-    for rank, index in enumerate(_best_first(scores)):
+    for index in _best_first(scores):
         image_id, _, box = detections[index]
         boxes = gt_boxes.get(image_id)
         if boxes is None or len(boxes) == 0:
-            is_false[rank] = True
+            is_false[index] = True
             continue
         overlaps = box_iou(torch.tensor([box], dtype=torch.float64), torch.from_numpy(boxes))[0].numpy()
         best = int(np.argmax(overlaps))
         if overlaps[best] < iou_threshold:
-            is_false[rank] = True
+            is_false[index] = True
         elif gt_difficult[image_id][best]:
             pass  # neither a true nor a false positive
         elif not gt_detected[image_id][best]:
-            is_true[rank] = True
+            is_true[index] = True
             gt_detected[image_id][best] = True
         else:
-            is_false[rank] = True  # a second detection of an object already found
-    return _ap_from_ranking(is_true, is_false, positives, eleven_point, levels)
+            is_false[index] = True  # a second detection of an object already found
+    return is_true, is_false, positives
+
+
+def ranked_detection_ap(scores, tp, fp, positives: int, eleven_point: bool = True,
+                        levels: str = DEFAULT_LEVELS) -> float:
+    """AP of detections already matched (``match_detections``): ranked by ``scores``, highest first
+    (equal scores in input order), cumulative true and false positives against ``positives``
+    objects; with ``eleven_point`` the VOC 2007 metric at the recall levels
+    ``ELEVEN_POINT_LEVELS[levels]``, else the area AP. NaN when ``positives`` is 0."""
+    scores = _array(scores, np.float64)
+    tp, fp = _array(tp, bool), _array(fp, bool)
+    if not scores.shape == tp.shape == fp.shape:
+        raise ValueError(f"{scores.size} scores, {tp.size} tp and {fp.size} fp flags")
+    order = _best_first(scores)
+    return _ap_from_ranking(tp[order], fp[order], positives, eleven_point, levels)
+
+
+def detection_ap(
+    detections: Sequence[Detection],
+    ground_truth: Mapping[str, Sequence[GroundTruthObject]],
+    iou_threshold: float = 0.5,
+    eleven_point: bool = True,
+    levels: str = DEFAULT_LEVELS,
+) -> float:
+    """AP of one class's detections, the PASCAL VOC devkit's protocol (VOCevaldet): the detections
+    matched by ``match_detections`` (see there), then ranked (``ranked_detection_ap``, at the
+    recall levels ``ELEVEN_POINT_LEVELS[levels]``). Difficult objects do not count among the
+    positives. Returns NaN when the class has no non-difficult object (AP is undefined).
+    """
+    tp, fp, positives = match_detections(detections, ground_truth, iou_threshold)
+    scores = np.array([score for _, score, _ in detections], dtype=np.float64)
+    return ranked_detection_ap(scores, tp, fp, positives, eleven_point, levels)
 
 
 def mean_ap(aps: Iterable[float]) -> float:

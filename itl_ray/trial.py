@@ -25,7 +25,7 @@ import torch
 from itl_ray import barrier, label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import partition_rows, scene_data
-from itl_ray.datasets.voc import voc_images
+from itl_ray.datasets.voc import voc_splits
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_atomically, write_json
 from itl_ray.image_rows import ImageRows
@@ -34,6 +34,7 @@ from itl_ray.models import AlexNet
 from itl_ray.pretrain import pretrain, top1
 from itl_ray.seeds import seeded, stage_seed
 from itl_ray.shards import Prepared
+from itl_ray.transfer import StageOutput
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
 from itl_ray.transfer.scene import evaluate_scene
@@ -46,7 +47,10 @@ Report = Callable[[str, dict, int | None], None]
 # The trial's record in its working folder, logged with its MLflow run: the resolved config, the
 # label set (``itl-ray labels`` format) and the subset (its images in order, and its hash).
 RECORD_FILES = ("config.yaml", "label_set.tsv", "subset.tsv", "subset.json")
-PER_IMAGE = "per_image"  # folder of the per-image test scores (Parquet), logged with the run too
+# The folder of the per-image test scores (Parquet), logged with the run too: the same name as
+# ``itl_ray.per_image.FOLDER`` (not imported: that module needs pandas and scipy, which a bare GPU
+# machine running a trial lacks; a test checks the two are equal).
+PER_IMAGE = "per_image"
 # Config keys recorded under the study's short names (``params``), so each fact is one param.
 SHORT_NAMES = {"pretrain.images_per_class": "images_per_class", "pretrain.label_set": "label_set"}
 
@@ -115,9 +119,10 @@ def _open(folder: str, kind: str, setting: str) -> Prepared:
 
 def read_inputs(config: TrialConfig) -> Inputs:
     """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
-    the label set, and check that the SUN397 partition was prepared, so that a wrong path, a
-    damaged folder or an impossible setting fails before any training (the sweep calls this for
-    every trial first, ``itl-ray trial`` before its trial)."""
+    the label set, check that the SUN397 partition was prepared and, when detection uses Selective
+    Search, that every VOC 2007 image has its stored proposals (``Prepared.check_proposals``), so
+    that a wrong path, a damaged folder or an impossible setting fails before any training (the
+    sweep calls this for every trial first, ``itl-ray trial`` before its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -134,16 +139,35 @@ def read_inputs(config: TrialConfig) -> Inputs:
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
     sun397 = _open(config.data.sun397, "sun397", "data.sun397")
     partition_rows(sun397, config.data.sun397_partition)
+    voc2007 = _open(config.data.voc2007, "voc2007", "data.voc2007")
+    if config.transfer.detection.proposals == "selective_search":
+        voc2007.check_proposals()  # a folder prepared before proposals were stored is refused here
     return Inputs(
         imagenet=imagenet,
         train_rows=train_rows[list(subset.indices)],
         val_rows=val_rows,
         subset=subset,
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
-        voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
+        voc2007=voc2007,
         voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
         sun397=sun397,
     )
+
+
+def write_per_image(workdir: Path, output: StageOutput) -> list[Path]:
+    """Write each per-image table of a stage's output to ``<workdir>/per_image/<stem>.parquet``,
+    atomically (``files.atomic_path``); returns the paths written."""
+    import pyarrow.parquet as pq
+
+    folder = workdir / PER_IMAGE
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, table in output.per_image.items():
+        path = folder / f"{stem}.parquet"
+        with atomic_path(path) as temporary:
+            pq.write_table(table, temporary)
+        written.append(path)
+    return written
 
 
 def write_record(config: TrialConfig, inputs: Inputs, folder: Path) -> None:
@@ -277,12 +301,12 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     model.to(device)
 
     transfers = {
-        "detection": lambda seed: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
-                                                     voc_images(inputs.voc2007, "test"), config.transfer.detection,
-                                                     device, seed, log=log, curve=curve, runtime=runtime.detection),
-        "action": lambda seed: evaluate_action(model, voc_images(inputs.voc2012, "train"),
-                                               voc_images(inputs.voc2012, "val"), config.transfer.action, device,
-                                               seed, log=log, curve=curve),
+        "detection": lambda seed: evaluate_detection(model, voc_splits(inputs.voc2007, "trainval", "test"),
+                                                     config.transfer.detection, device, seed, log=log,
+                                                     curve=curve, runtime=runtime.detection),
+        "action": lambda seed: evaluate_action(model, voc_splits(inputs.voc2012, "train", "val"),
+                                               config.transfer.action, device, seed, log=log, curve=curve,
+                                               runtime=runtime.action),
         "scene": lambda seed: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
                                              config.transfer.scene, device, seed, log=log, curve=curve),
     }
@@ -293,9 +317,14 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         stage_started = time.time()
         seed = stage_seed(config.seed, stage)
         with seeded(seed):  # whatever the stage draws from torch's global generators
-            result = evaluate(seed)
+            output = evaluate(seed)
+        if isinstance(output, StageOutput):
+            write_per_image(workdir, output)
+            result = dict(output.metrics)
+        else:
+            result = dict(output)
         result[f"seconds/{stage}"] = time.time() - stage_started
-        store.save(stage, result)
+        store.save(stage, result)  # after its per-image tables: a stage marked done has them on disk
         stages = store.load()
         report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
         barrier.reach(f"{tid}.{stage}-done", log)

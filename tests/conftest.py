@@ -62,9 +62,9 @@ data:
   sun397: {paths['sun397']}
 model: {{width: 0.125, resolution: 48}}
 pretrain: {{epochs: 2, batch_size: 16, lr: 0.02}}
-transfer:
-  detection: {{epochs: 1, image_size: 64, max_size: 96}}
-  action: {{epochs: 1, batch_size: 16}}
+transfer:  # the mini-benchmark's ~140 px images at their size, sliding windows, a dozen steps
+  detection: {{proposals: sliding_window, image_size: 64, max_size: 96, iterations: 12, lr_step: 9, lr: 0.01}}
+  action: {{image_size: 64, max_size: 96, iterations: 10, lr_step: 8, lr: 0.003}}
   scene: {{epochs: 1, batch_size: 16}}
 grid:
   pretrain.num_classes: [4]

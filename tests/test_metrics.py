@@ -13,9 +13,11 @@ from itl_ray.metrics import (
     average_precision,
     box_iou,
     detection_ap,
+    match_detections,
+    matlab_colon,
     mean_ap,
     mean_per_class_accuracy,
-    matlab_colon,
+    ranked_detection_ap,
     voc07_ap,
     voc_area_ap,
 )
@@ -70,6 +72,11 @@ def test_voc07_recall_exactly_0_6_by_each_scorer():
     assert detection_ap(detections, ground_truth, levels="devkit") == 7 / 11
     assert detection_ap(detections, ground_truth, levels="voc_eval") == 6 / 11
     assert detection_ap(detections, ground_truth, levels="exact") == 7 / 11
+    # The detection stage's path (matching, then ranking) takes the same levels.
+    tp, fp, positives = match_detections(detections, ground_truth)
+    scores = [score for _, score, _ in detections]
+    assert ranked_detection_ap(scores, tp, fp, positives) == 7 / 11
+    assert ranked_detection_ap(scores, tp, fp, positives, levels="voc_eval") == 6 / 11
 
 
 def test_voc07_recall_exactly_0_3_and_0_7_by_each_scorer():
@@ -187,6 +194,24 @@ def test_difficult_objects_are_neither_true_nor_false_positives():
     # precision 2/3 at full recall, for every level.
     counted = {"a": [((1, 1, 10, 10), False), ((21, 21, 30, 30), False)]}
     assert detection_ap(detections, counted) == pytest.approx(2 / 3)
+
+
+def test_matching_flags_come_back_in_input_order_and_give_the_same_ap():
+    ground_truth = {"a": [((1, 1, 10, 10), False), ((21, 21, 30, 30), True)], "b": []}
+    detections = [
+        ("a", 0.70, (1, 1, 10, 10)),  # the same object again, ranked after the 0.80 one: false positive
+        ("b", 0.60, (1, 1, 10, 10)),  # an image without objects: false positive
+        ("a", 0.90, (21, 21, 30, 30)),  # the difficult object: neither
+        ("a", 0.80, (1, 1, 10, 10)),  # true positive
+    ]
+    tp, fp, positives = match_detections(detections, ground_truth)
+    assert tp.tolist() == [False, False, False, True] and fp.tolist() == [True, True, False, False]
+    assert positives == 1
+    scores = [score for _, score, _ in detections]
+    assert ranked_detection_ap(scores, tp, fp, positives) == detection_ap(detections, ground_truth)
+    assert math.isnan(ranked_detection_ap([], [], [], 0))
+    with pytest.raises(ValueError, match="2 scores, 1 tp"):
+        ranked_detection_ap([0.1, 0.2], [True], [False], 1)
 
 
 def test_duplicates_are_false_positives_even_over_another_free_object():

@@ -53,18 +53,40 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     assert [sorted(key for key in stage if key.startswith("seconds/")) for stage in stages] == [
         ["seconds/pretrain"], ["seconds/detection"], ["seconds/action"], ["seconds/scene"]]
     assert "seconds/trial" in final
+    # Training curves of the region-based stages, step = iterations done (12 and 10 here).
+    curves = [(payload, step) for kind, payload, step in reports if kind == "curve"]
+    assert [step for payload, step in curves if "detection/loss" in payload] == [12]
+    assert [step for payload, step in curves if "action/loss" in payload] == [10]
+    # Per-image test scores, as the contract names them, beside the stage results.
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "work" / "per_image"
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "voc07_det_detections.parquet", "voc07_det_positives.parquet", "voc12_act_scores.parquet"]
+    assert pq.read_table(folder / "voc07_det_positives.parquet").num_rows == 20 * 24  # classes x test images
+    # The report recomputes each metric from them: with every image once, exactly the logged value.
+    import numpy as np
+
+    from itl_ray import per_image
+    from itl_ray.trial import PER_IMAGE
+
+    assert PER_IMAGE == per_image.FOLDER
+    for metric in ("voc07_det_map", "voc12_act_map"):
+        task = per_image.load_task(metric, folder)
+        assert task.metric(np.ones((1, len(task.images))))[0] == final[metric]
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
     for duplicate in ("pretrain.num_classes", "pretrain.images_per_class", "pretrain.label_set", "name"):
         assert duplicate not in params  # each fact once, under the study's name
-    # Curves: pretraining's after each epoch; each transfer stage's after each of its epochs (1 here).
+    # Curves: pretraining's after each epoch; the region-based stages' every 20 iterations and at
+    # the last (12 and 10 here), the scene stage's after each of its epochs (1 here).
     assert [(step, sorted(payload)) for kind, payload, step in reports if kind == "epoch"] == [
         (epoch, ["pretrain/loss", "pretrain/lr", "pretrain/val_top1"]) for epoch in (1, 2)]
     assert [payload["pretrain/lr"] for kind, payload, _ in reports if kind == "epoch"] == [0.02, 0.02]
     curves = [(step, sorted(payload)) for kind, payload, step in reports if kind == "curve"]
-    assert curves == [(1, ["detection/loss", "detection/lr"]), (1, ["action/loss", "action/lr"]),
-                      (1, ["scene/loss", "scene/lr"])]
+    assert curves == [(12, ["detection/loss", "detection/loss_box", "detection/loss_classification", "detection/lr"]),
+                      (10, ["action/loss", "action/lr"]), (1, ["scene/loss", "scene/lr"])]
     assert all(value > 0 for kind, payload, _ in reports if kind == "curve" for value in payload.values())
     # The trial's record: its config, labels and subset, as the files say.
     work = tmp_path / "work"
@@ -113,7 +135,9 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert reports == ["params", "stage", "curve", "stage", "curve", "stage", "curve", "stage", "final"]
+    # Each transfer stage reports its curves (one or more points) before its result.
+    collapsed = [kind for index, kind in enumerate(reports) if kind != "curve" or reports[index - 1] != "curve"]
+    assert collapsed == ["params", "stage", "curve", "stage", "curve", "stage", "curve", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -134,7 +158,7 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     base = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
     config = override(base, {"pretrain.label_set": "up_down_9", "pretrain.num_classes": None,
                              "pretrain.images_per_class": 2, "pretrain.epochs": 1,
-                             "transfer.detection.epochs": 0, "transfer.action.epochs": 1, "transfer.scene.epochs": 1})
+                             "transfer.detection.iterations": 0, "transfer.action.iterations": 1, "transfer.scene.epochs": 1})
     reports = []
     run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)), log=lambda l: None)
     params = reports[0][1]
@@ -152,3 +176,24 @@ def wordnet_classes(mini_paths):
     from itl_ray.shards import Prepared
 
     return sorted(set(Prepared(mini_paths["imagenet"], "imagenet").column("label")))
+
+
+def test_a_voc2007_folder_without_proposals_is_refused_before_training(tmp_path, mini_paths):
+    """read_inputs (what a sweep runs for every trial before Ray starts) checks the stored Selective
+    Search proposals when detection uses them, and only then."""
+    from itl_ray.errors import UserError
+
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
+    selective = {"transfer.detection.proposals": "selective_search"}
+    read_inputs(load_spec(spec, selective).trials()[0])  # the prepared folder has them
+    folder = tmp_path / "voc2007"
+    shutil.copytree(mini_paths["voc2007"], folder)
+    shutil.rmtree(folder / "proposals")  # as a folder copied without them, or damaged, looks
+    selective["data.voc2007"] = str(folder)
+    with pytest.raises(UserError) as refused:
+        read_inputs(load_spec(spec, selective).trials()[0])
+    message = str(refused.value)
+    assert "data.voc2007" in message and "proposals-00000.arrow is missing" in message
+    assert "run `itl-ray prepare voc2007 ROOT OUT` again" in message and "\n" not in message
+    # Sliding windows need no stored proposals.
+    read_inputs(load_spec(spec, {"data.voc2007": str(folder)}).trials()[0])

@@ -14,7 +14,9 @@ import json
 import posixpath
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from itl_ray.datasets import Root, read_lines
 from itl_ray.errors import UserError
@@ -251,20 +253,85 @@ def split_summary(objects_per_image: list[list[list]], actions: bool) -> dict:
             "classes_without_positives": [name for name, c in counts.items() if c["objects"] == c["difficult"]]}
 
 
-def voc_images(data: Prepared, split: str) -> list[VocImage]:
-    """The images of split ``split`` of the prepared VOC dataset ``data``, in manifest order, with
-    their objects and stored JPEG bytes; boxes are scaled from the source image's pixels to the
-    stored image's and rounded (1-based inclusive, as in the XML)."""
-    rows = data.rows_in(split)
+def _annotations(data: Prepared, rows: np.ndarray) -> list[VocImage]:
+    """The manifest's VOC images at ``rows`` (no image bytes): ids, stored sizes and objects, boxes
+    scaled from the source image's pixels to the stored image's and rounded (1-based inclusive,
+    as in the XML)."""
     columns = {name: data.column(name) for name in ("image_id", "objects", "width", "height", "source_width",
                                                     "source_height")}
     images = []
-    for row, jpeg in zip(rows, data.read(rows)):
+    for row in rows:
         width, height = columns["width"][row], columns["height"][row]
         sx, sy = width / columns["source_width"][row], height / columns["source_height"][row]
         objects = tuple(
             VocObject(name, stored_box(box, sx, sy), bool(difficult), bool(truncated), tuple(actions))
             for name, *box, difficult, truncated, actions in json.loads(columns["objects"][row])
         )
-        images.append(VocImage(columns["image_id"][row], f"row {row}", width, height, objects, jpeg))
+        images.append(VocImage(columns["image_id"][row], f"row {row}", width, height, objects))
     return images
+
+
+def voc_images(data: Prepared, split: str) -> list[VocImage]:
+    """The images of split ``split`` of the prepared VOC dataset ``data``, in manifest order, with
+    their objects and stored JPEG bytes (every image's bytes in memory: for small sets; the
+    transfer stages read a ``VocSplit`` instead)."""
+    rows = data.rows_in(split)
+    return [replace(image, jpeg=jpeg) for image, jpeg in zip(_annotations(data, rows), data.read(rows))]
+
+
+@dataclass(frozen=True)
+class VocSplit:
+    """One split of a VOC dataset as the detection and action stages read it: every image's
+    annotations in memory (``images``, from the manifest: ids, stored sizes, objects in stored-image
+    VOC coordinates), the images themselves read one at a time (``encoded``), so that memory does
+    not grow with the split beyond its annotations.
+
+    Built by ``voc_split`` from a prepared folder; tests may build one from ``VocImage`` values
+    that carry their encoded bytes (``prepared`` None) and, optionally, their proposals."""
+
+    name: str  # e.g. "voc2007 trainval", for messages
+    images: tuple[VocImage, ...]
+    prepared: Prepared | None = field(default=None, repr=False)
+    rows: tuple[int, ...] = ()  # manifest row of each image (with ``prepared``)
+    given_proposals: tuple[np.ndarray, ...] | None = field(default=None, repr=False)  # without ``prepared``
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def encoded(self, index: int) -> bytes:
+        """The stored (encoded) image ``index``: read from its memory-mapped shard when prepared."""
+        if self.prepared is None:
+            return self.images[index].jpeg
+        return self.prepared.views([self.rows[index]])[0].tobytes()
+
+    def proposals(self, index: int) -> np.ndarray:
+        """Selective Search proposals of image ``index`` as stored at preparation: (K, 4) float32
+        boxes (x1, y1, x2, y2), 0-based pixel indices of the stored image, corners inclusive, best
+        first. UserError when the split has none (a folder prepared without them)."""
+        if self.prepared is None:
+            if self.given_proposals is None:
+                raise UserError(f"{self.name} has no Selective Search proposals")
+            return np.asarray(self.given_proposals[index], dtype=np.float32).reshape(-1, 4)
+        return self.prepared.proposals(self.rows[index])
+
+
+def voc_split(data: Prepared, split: str) -> VocSplit:
+    """Split ``split`` of the prepared VOC dataset ``data`` as a ``VocSplit``, in manifest order;
+    no image is read until a stage asks for it."""
+    rows = data.rows_in(split)
+    kind = data.info.get("kind", "voc")
+    return VocSplit(f"{kind} {split}", tuple(_annotations(data, rows)), data, tuple(int(row) for row in rows))
+
+
+@dataclass(frozen=True)
+class VocSplits:
+    """A transfer task's training and test splits (VOC 2007: trainval and test; VOC 2012 actions:
+    train and val)."""
+
+    train: VocSplit
+    test: VocSplit
+
+
+def voc_splits(data: Prepared, train: str, test: str) -> VocSplits:
+    """``VocSplits`` of the prepared VOC dataset ``data`` (``voc_split`` of each)."""
+    return VocSplits(voc_split(data, train), voc_split(data, test))

@@ -1,162 +1,184 @@
 """PASCAL-DET: VOC 2007 object detection, Fast R-CNN on the pretrained AlexNet.
 
-The study fine-tuned each pretrained network as a Fast R-CNN detector (Girshick 2015) on VOC 2007
-trainval and reported the mean AP over the 20 classes on test (VOC 2007 11-point AP). This
-module does the same, in one function, ``evaluate_detection``:
+The study fine-tuned each pretrained network as a Fast R-CNN detector (Girshick, "Fast R-CNN",
+ICCV 2015) on VOC 2007 trainval and reported the mean over the 20 classes of the VOC 2007 11-point
+AP on test. ``evaluate_detection`` does this with Fast R-CNN's CaffeNet recipe, the defaults of
+``DetectionConfig``:
 
-1. Every image is decoded once and scaled so its shorter side is ``image_size`` (longer side at
-   most ``max_size``), as Fast R-CNN does with 600/1000 px.
-2. Region proposals. **Assumption**: the study used Selective Search proposals, which are not
-   available here; proposals are dense sliding windows instead, at several sizes (fractions of
-   the image's shorter side) and aspect ratios, on a stride proportional to the window size.
-   They depend only on the image size. During training the ground-truth boxes are added to the
-   proposals, as Fast R-CNN does.
-3. Network. The whole pretrained AlexNet is fine-tuned (conv1..fc7, as in the study). A region
-   is pooled from conv5 (stride 16) with RoI Align to 2g x 2g cells and max-pooled 2x2 to g x g,
-   g being the pool5 grid the backbone was pretrained with, so the pretrained fc6 and fc7 apply
-   unchanged (Fast R-CNN's RoI pooling replaces pool5 in the same way). On fc7 sit two new
-   layers: a (classes + 1)-way classifier (background is class 0) and class-specific box
-   regression (4 numbers per class).
-4. Training, Fast R-CNN's recipe: minibatches of ``batch_size`` images with ``rois_per_image``
-   sampled regions each, at most a quarter of them foreground (IoU >= 0.5 with a ground-truth
-   box) and the rest background (IoU in [0.1, 0.5)); loss = softmax cross-entropy + smooth L1
-   on the normalised box targets of the foreground regions; SGD with momentum and weight decay,
-   the learning rate divided by 10 for the last part of training; random horizontal flips.
-   Objects marked ``difficult`` are left out of training, as Fast R-CNN's VOC loader does.
-5. Test: every proposal is scored and regressed; per class, detections above a small score
-   threshold go through non-maximum suppression; at most ``max_detections`` per image are kept;
-   boxes go back to the original image's VOC pixel coordinates and
-   ``itl_ray.metrics.detection_ap`` scores each class (difficult objects ignored, 11-point AP).
+=========================  =====================  =================================================
+setting                    default                source
+=========================  =====================  =================================================
+proposals                  Selective Search       paper sec. 4 (fast mode, ~2k per image), stored by
+                                                  ``itl-ray prepare voc2007`` (``VocSplit.proposals``)
+image_size, max_size       600, 1000 px           fast-rcnn lib/fast_rcnn/config.py ``TRAIN.SCALES``
+                                                  (line 38), ``TRAIN.MAX_SIZE`` (41), ``TEST.SCALES``
+                                                  (89), ``TEST.MAX_SIZE`` (92); lib/utils/blob.py
+                                                  ``prep_im_for_blob``
+iterations                 40,000                 tools/train_net.py ``--iters`` default 40000;
+                                                  lib/fast_rcnn/train.py ``train_net(max_iters=40000)``
+lr, lr_step                0.001, / 10 at 30,000  models/CaffeNet/solver.prototxt ``base_lr: 0.001``,
+                                                  ``lr_policy: "step"``, ``gamma: 0.1``,
+                                                  ``stepsize: 30000``; paper sec. 2.3 "30k mini-batch
+                                                  iterations, then ... 0.0001 ... another 10k"
+momentum, weight_decay     0.9, 0.0005            solver.prototxt ``momentum``, ``weight_decay``
+bias_lr_multiplier         2                      models/CaffeNet/train.prototxt: every trained
+bias_decay_multiplier      0                      layer's bias ``param { lr_mult: 2 decay_mult: 0 }``;
+                                                  paper sec. 2.3 "1 for weights and 2 for biases"
+frozen_convs               1 (conv1)              train.prototxt conv1 ``lr_mult: 0 decay_mult: 0``;
+                                                  paper sec. 4.5 (conv1 is not fine-tuned for S, M)
+images_per_batch           2                      config.py ``TRAIN.IMS_PER_BATCH`` (line 44)
+rois_per_batch             128 (64 per image)     config.py ``TRAIN.BATCH_SIZE`` (47); minibatch.py
+fg_fraction, fg_iou        0.25, 0.5              config.py ``TRAIN.FG_FRACTION`` (50),
+                                                  ``TRAIN.FG_THRESH`` (53)
+bg_iou_low, bg_iou_high    0.1, 0.5               config.py ``TRAIN.BG_THRESH_LO`` (58), ``_HI`` (57)
+flip_probability           0.5                    config.py ``TRAIN.USE_FLIPPED`` (61); paper sec.
+                                                  2.3 "horizontally flipped with probability 0.5"
+train_difficult            True                   lib/datasets/pascal_voc.py
+                                                  ``_load_pascal_annotation`` keeps every object
+box_regression_iou         0.5                    config.py ``TRAIN.BBOX_THRESH`` (68)
+box_normalisation          per_class              lib/roi_data_layer/roidb.py
+                                                  ``add_bbox_regression_targets``: per-class mean and
+                                                  std over the training regions (flipped included);
+                                                  paper sec. 2.3 "zero mean and unit variance"
+roi_pool                   max, pool5's grid      train.prototxt ``roi_pool5``: ``ROIPooling``,
+                                                  ``pooled_w/h: 6``, ``spatial_scale: 0.0625``
+(new layers)               N(0, 0.01), N(0, .001)  train.prototxt ``cls_score`` / ``bbox_pred``
+                                                  ``weight_filler``, bias 0; on fc7 (see below)
+(loss)                     softmax + smooth L1    train.prototxt ``SoftmaxWithLoss``,
+                                                  ``SmoothL1Loss`` (``loss_weight: 1``); paper eq. 1-3
+nms_iou                    0.3                    config.py ``TEST.NMS`` (96)
+score_threshold            0.05                   py-faster-rcnn lib/fast_rcnn/test.py ``test_net(net,
+max_detections             100 per image          imdb, max_per_image=100, thresh=0.05)`` (the same in
+                                                  fast-rcnn's later test.py); see below
+(metric)                   VOC07 11-point AP      devkit VOCevaldet, ``itl_ray.metrics``
+=========================  =====================  =================================================
 
-**Assumptions** beyond the proposals (the study does not give its Fast R-CNN settings; each is a
-``DetectionConfig`` field): the schedule is a few epochs instead of Fast R-CNN's 40k + 10k
-iterations, with a 10x larger learning rate (``conv_lr_scale`` can slow the convolutions down);
-RoI Align followed by 2x2 max pooling stands in for RoI max
-pooling (same output grid, smoother sampling).
+Score thresholding at test: two released test codes differ. The first fast-rcnn release keeps,
+per class, the best 40 x (test images) detections over the whole test set and thresholds later;
+py-faster-rcnn (and fast-rcnn's later test.py) keeps, per image and class, the detections scoring
+above 0.05, applies NMS, then the best 100 per image over all classes. This module does the
+latter: it works image by image, so the test pass streams and its memory does not grow with the
+test set.
 
-What to expect on small images: a backbone pretrained at 64 px has g = 1, so a region is one
-max-pooled vector with no layout inside it. Such a detector knows what a region contains
-better than where the object's edges are, and its box regression has little to go on; at
-resolution 96 g is 2, at 128 it is 3 (see ``itl_ray.models.pool5_grid``).
+Steps:
+1. Every training image's regions are its ground-truth boxes and its proposals (Fast R-CNN's
+   roidb: ground truth first); each region takes the label of the box it overlaps most. One pass
+   over the training images (annotations and proposals only, no pixels) computes the box
+   regression targets' per-class mean and standard deviation and finds the images with no usable
+   region (no foreground and no background region: an image without objects), which Fast R-CNN
+   leaves out of training (lib/fast_rcnn/train.py ``filter_roidb``); they are counted in the log.
+2. Training: ``iterations`` SGD steps, each on ``images_per_batch`` images (read from the shards
+   by worker threads, ``image_stream``; flipped at random), each giving ``rois_per_batch /
+   images_per_batch`` sampled regions; loss = softmax cross-entropy over the regions + smooth L1
+   (beta 1) on the foreground regions' normalised targets for their own class, divided by the
+   number of regions.
+3. Test, one image at a time (as Fast R-CNN's ``im_detect``; ``runtime.detection.test_batch_size``
+   puts several in one forward pass): every proposal is scored (softmax)
+   and regressed per class (boxes clipped to the image), then per class thresholded and
+   suppressed (NMS), then the image's best ``max_detections``; boxes go back to the stored
+   image's VOC coordinates and ``itl_ray.metrics`` matches them to the ground truth (difficult
+   objects ignored) and scores each class.
 
-Classes with no non-difficult object in the test images have no AP: they are left out of the
-mean and their ``voc07_det_ap/<class>`` key is omitted (not NaN, which tracking backends and
-tables handle badly); a log line names them.
+Settings beside the recipe (each defaults to the recipe's choice): ``proposals: sliding_window``
+(dense windows, for images too small for Selective Search), ``roi_pool: align``, ``epochs`` (count
+training in passes over trainval), ``conv_lr_scale`` and ``head_lr_scale`` (multipliers of the
+convolutions' and the new layers' rates, 1 in the recipe), ``box_normalisation: fixed``
+(py-faster-rcnn's ``BBOX_NORMALIZE_STDS`` 0.1, 0.1, 0.2, 0.2, means 0), ``train_difficult: false``
+(py-faster-rcnn's ``use_diff: False``). What the mini-benchmark sets differently is in
+sweeps/smoke.yaml, with the reason beside each value.
 
-Boxes inside this module are in the scaled image's pixel-index coordinates (0-based, corners
-inclusive: a box from x1 to x2 covers x2 - x1 + 1 pixels, VOC's convention minus one), as in
-Fast R-CNN.
+Outputs: ``voc07_det_map`` and ``voc07_det_ap/<class>`` in percent (a class without a non-difficult
+test object has no AP: it is named in the log, left out of the mean and its key omitted, not NaN,
+which tracking backends and tables handle badly), and the per-image tables
+``voc07_det_detections`` and ``voc07_det_positives`` (CONTRACTS: one row per kept detection with
+its tp/fp flags, one row per test image and class with its positives).
+
+Dropout: CaffeNet has two dropout layers, after fc6 and after fc7 (``drop6``, ``drop7``); the
+backbone's fc6/fc7 block (``models.AlexNet.embed``) brings its own two, at the places it was
+pretrained with them, and the new layers sit directly on its fc7.
+
+Boxes: the annotations and proposals are in the stored image's pixels (VOC coordinates are
+1-based; inside this module boxes are 0-based pixel indices, corners inclusive, as in Fast
+R-CNN); a region's box on the network's input is its box times the image's scale.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from itl_ray.bounds import Ge, Gt, Interval, MinLen
 from torch import nn
-from torchvision.ops import nms, roi_align
+from torchvision.ops import batched_nms
 
-from itl_ray.datasets.voc import VOC_CLASSES, VocImage, VocObject
+from itl_ray.datasets.voc import VOC_CLASSES, VocImage, VocSplit, VocSplits
 from itl_ray.errors import UserError
-from itl_ray.images import decode_rgb, normalize, resize_uint8
-from itl_ray.metrics import box_iou, detection_ap, mean_ap
+from itl_ray.metrics import DETECTION_AP, box_iou, match_detections, mean_ap, ranked_detection_ap
 from itl_ray.models import AlexNet
+from itl_ray.progress import Progress
+from itl_ray.transfer import Curve, StageOutput, no_curve
+from itl_ray.transfer.image_stream import ImageStream, default_workers
+from itl_ray.transfer.regions import (RegionNetwork, RegionRecipe, Schedule, caffe_sgd, child_generator, flip_boxes,
+                                      image_batch, schedule, set_lr, training_plan)
 
-# conv5's stride in pixels (conv1 stride 4, pool1 and pool2 stride 2).
-CONV5_STRIDE = 16
-# Where conv5 cell j sits in the image: conv1 (11x11, stride 4, no padding) centres output i on
-# pixel 4i + 5; each 3x3 stride-2 pool centres output j on input 2j + 1, so pool1 gives 8j + 9 and
-# pool2 16j + 17; conv2..conv5 keep positions. RoI Align (aligned=True) puts cell j at continuous
-# coordinate 16j + 8, so regions are shifted by this many pixels to line up with the cells.
-CONV5_OFFSET = 17.5 - 8.0
+# Iterations between two points of the training curves (solver.prototxt ``display: 20``).
+DISPLAY_EVERY = 20
+# The largest log size ratio applied at test (Detectron's value): keeps exp() finite.
+MAX_LOG_RATIO = math.log(1000 / 16)
 
 Fraction = Annotated[float, Interval(ge=0, le=1)]  # a probability, an IoU or a share, 0..1
 Positive = Annotated[float, Gt(0)]
 
 
 @dataclass(frozen=True)
-class DetectionConfig:
-    """Fast R-CNN's VOC 2007 recipe, scaled to small images. Defaults suit the mini-benchmark
-    (images about 128 px); for the real VOC 2007 use image_size 600, max_size 1000 and more epochs.
-    """
+class DetectionConfig(RegionRecipe):
+    """Fast R-CNN's CaffeNet recipe on VOC 2007 (sources: the module docstring's table), plus the
+    settings that replace parts of it. Inherits the schedule, SGD and image settings of
+    ``RegionRecipe`` with Fast R-CNN's values as defaults."""
 
-    # Shorter image side after scaling, px. Fast R-CNN scales VOC's ~500x375 images to 600 (2.6x
-    # its 227 px pretraining input); the mini-benchmark's images (shorter side 112..144 px) stay
-    # near their size: larger helps a little (objects span more conv5 cells) and costs conv time.
-    image_size: Annotated[int, Ge(1)] = 128
-    # Longer side cap, px: an elongated image is scaled down further so it fits (Fast R-CNN: 1000
-    # for 600).
-    max_size: Annotated[int, Ge(1)] = 213
-    # Passes over trainval. Fast R-CNN: 40k + 10k iterations of 2 images, about 20 passes over
-    # the 5011 trainval images; short here to stay cheap on CPU (one pass over 250 images of
-    # ~140 px takes about 4.5 s on one thread at width 0.25).
-    epochs: Annotated[int, Ge(0)] = 4
-    # Images per SGD step (Fast R-CNN: 2; all regions of a step come from these images).
-    batch_size: Annotated[int, Ge(1)] = 2
-    # Learning rate of the pretrained layers. Fast R-CNN used 0.001 for 40k iterations; with a
-    # few hundred iterations here the step must be larger.
-    lr: Annotated[float, Gt(0)] = 0.01
-    # Learning rate multiplier of conv1..conv5; 1.0 fine-tunes every layer alike, as the study
-    # did. With only a few hundred steps a smaller value keeps more of what pretraining taught the
-    # convolutions: on the mini-benchmark (sweeps/smoke.yaml uses 0.1), a backbone pretrained on
-    # 10 classes x 40 images scored 3.6 mAP against 0.7 for random initialisation at 0.1, where
-    # 1.0 gave 0.1 and 0.3, and frozen convolutions (0.0) 2.0 and 1.4.
-    conv_lr_scale: Annotated[float, Ge(0)] = 1.0
-    # The learning rate is divided by 10 after this fraction of the epochs (Fast R-CNN: 40k of
-    # 50k iterations).
-    lr_drop_at: Fraction = 0.75
-    # SGD momentum and L2 weight decay, Caffe's AlexNet and Fast R-CNN values.
-    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
-    weight_decay: Annotated[float, Ge(0)] = 5e-4
-    # Sampled regions per training image (Fast R-CNN: 128 per minibatch of 2 images).
-    rois_per_image: Annotated[int, Ge(1)] = 64
-    # Largest fraction of the sampled regions that are foreground (Fast R-CNN: 0.25).
-    fg_fraction: Fraction = 0.25
-    # IoU with a ground-truth box from which a region is foreground (Fast R-CNN: 0.5).
-    fg_iou: Fraction = 0.5
-    # Background regions have a best IoU in [bg_iou_low, bg_iou_high) (Fast R-CNN: [0.1, 0.5)):
-    # the lower bound is a heuristic hard-negative mining, regions near objects teach more.
-    bg_iou_low: Fraction = 0.1
+    proposals: Literal["selective_search", "sliding_window"] = "selective_search"
+    rois_per_batch: Annotated[int, Ge(1)] = 128  # sampled regions per SGD step, split evenly over its images
+    fg_fraction: Fraction = 0.25  # largest share of foreground regions
+    fg_iou: Fraction = 0.5  # a region is foreground from this IoU with a ground-truth box
+    bg_iou_low: Fraction = 0.1  # background regions have a best IoU in [bg_iou_low, bg_iou_high)
     bg_iou_high: Fraction = 0.5
-    # Random horizontal flip of each training image, probability (Fast R-CNN trains on trainval
-    # plus its mirror images).
-    flip_probability: Fraction = 0.5
-    # Sliding-window proposals (in place of Selective Search): window sides as fractions of the
-    # image's shorter side, from small objects to nearly the whole image; consecutive sizes
-    # differ by ~1.5x so an object between two sizes still overlaps one of them by IoU ~0.65.
-    # (For real VOC images add smaller sizes: VOC has many objects under a quarter of the image.)
+    train_difficult: bool = True  # train on objects marked difficult too
+    box_regression_iou: Fraction = 0.5  # regions at this IoU or more give the target statistics
+    box_normalisation: Literal["per_class", "fixed"] = "per_class"  # per_class (empirical) or fixed (box_target_stds, means 0)
+    box_target_stds: tuple[Positive, Positive, Positive, Positive] = (0.1, 0.1, 0.2, 0.2)  # for fixed
+    score_threshold: Fraction = 0.05  # test: a class's detection is kept above this softmax score
+    nms_iou: Fraction = 0.3  # test: non-maximum suppression IoU per class
+    max_detections: Annotated[int, Ge(1)] = 100  # test: at most this many per image over all classes
+    # Sliding-window proposals (proposals: sliding_window): window sides as fractions of the stored
+    # image's shorter side, consecutive sizes ~1.5x apart; aspect ratios (width / height); the step
+    # between windows as a fraction of the window's extent. At these values about 99% of objects
+    # between a quarter and most of the shorter side have a window at IoU >= 0.5 (~330 windows on a
+    # 128 x 170 image); objects smaller than the smallest window have none.
     window_sizes: Annotated[tuple[Annotated[float, Interval(gt=0, le=1)], ...], MinLen(1)] = (0.25, 0.4, 0.6, 0.85)
-    # Window aspect ratios, width / height (VOC objects range from tall people to long trains).
     window_ratios: Annotated[tuple[Annotated[float, Gt(0)], ...], MinLen(1)] = (0.5, 1.0, 2.0)
-    # Step between neighbouring windows as a fraction of the window's extent in that direction.
-    # At 0.5 about 99% of objects within the listed sizes and ratios have a window with IoU >= 0.5
-    # (the worst about 0.45; box regression corrects the rest) from ~330 windows per 128x170
-    # image; 1/3 lifts the worst to 0.53 but doubles the windows every test image must score.
     window_stride: Annotated[float, Gt(0)] = 0.5
-    # Standard deviations the box regression targets are divided by (Fast R-CNN's
-    # BBOX_NORMALIZE_STDS), so the four targets weigh about the same in the loss.
-    box_target_stds: tuple[Positive, Positive, Positive, Positive] = (0.1, 0.1, 0.2, 0.2)
-    # Test: a class's detection is kept from this softmax score on (low: AP rewards recall, and
-    # low-scored detections come last in the ranking, so they can only add to AP).
-    score_threshold: Fraction = 0.01
-    # Test: non-maximum suppression IoU per class (Fast R-CNN: 0.3).
-    nms_iou: Fraction = 0.3
-    # Test: at most this many detections per image over all classes (Fast R-CNN: 100).
-    max_detections: Annotated[int, Ge(1)] = 100
 
     def check(self) -> None:
-        """The rules between fields (bounds and choices are declared on the fields): ValueError
-        naming the fields."""
-        if self.max_size < self.image_size:
-            raise ValueError(f"max_size ({self.max_size}) must be at least image_size ({self.image_size})")
+        """The rules between fields (``RegionRecipe.check`` and two of detection's; bounds and
+        choices are declared on the fields): ValueError naming the fields."""
+        super().check()
+        if self.rois_per_batch % self.images_per_batch:
+            raise ValueError(f"rois_per_batch ({self.rois_per_batch}) must be a multiple of images_per_batch "
+                             f"({self.images_per_batch}): each image gives the same number of regions")
         if not self.bg_iou_low < self.bg_iou_high:
             raise ValueError(f"bg_iou_low ({self.bg_iou_low:g}) must be below bg_iou_high ({self.bg_iou_high:g})")
+
+    @property
+    def rois_per_image(self) -> int:
+        """Sampled regions per training image (Fast R-CNN: 128 / 2 = 64)."""
+        return self.rois_per_batch // self.images_per_batch
 
 
 @dataclass(frozen=True)
@@ -164,10 +186,16 @@ class DetectionRuntime:
     """How fast detection runs, not what it computes (the trial config's ``runtime.detection``; not
     part of ``trial_id``)."""
 
-    # Test images per forward pass (no gradients; larger uses more memory). A batch is padded at
-    # the bottom and right to its largest image with the mean colour (as Fast R-CNN pads), so only
-    # regions at an image's padded edges can score differently with another batch size.
-    test_batch_size: Annotated[int, Ge(1)] = 8
+    # Image decoding threads (``image_stream.ImageStream``); 0: ``image_stream.default_workers``
+    # (a GPU: all cores but two; a CPU: one). Images arrive in the same order with any number.
+    workers: Annotated[int, Ge(0)] = 0
+    # Test images per forward pass (no gradients; larger uses more memory). 1 (the default) scores
+    # each image alone, as Fast R-CNN's test.py ``im_detect`` does. More images share a batch
+    # padded at the bottom and right to its largest image with 0 after normalisation (as
+    # ``im_list_to_blob`` pads), so conv5 cells near a smaller image's right and bottom edges see
+    # the padding: regions there can score slightly differently. On a GPU one image already brings
+    # ~2,000 RoIs per pass, so larger batches gain little.
+    test_batch_size: Annotated[int, Ge(1)] = 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,41 +203,38 @@ class DetectionRuntime:
 
 
 def _centres_and_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    widths = boxes[:, 2] - boxes[:, 0] + 1
-    heights = boxes[:, 3] - boxes[:, 1] + 1
-    return boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights, widths, heights
+    widths = boxes[..., 2] - boxes[..., 0] + 1
+    heights = boxes[..., 3] - boxes[..., 1] + 1
+    return boxes[..., 0] + 0.5 * widths, boxes[..., 1] + 0.5 * heights, widths, heights
 
 
-def encode_boxes(proposals: torch.Tensor, targets: torch.Tensor, stds: tuple[float, ...]) -> torch.Tensor:
+def encode_boxes(proposals: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Regression targets (N x 4) that move each proposal onto its target box (R-CNN's
-    parametrisation: centre shift in units of the proposal's size, log of the size ratio),
-    divided by ``stds``."""
+    parametrisation: centre shift in units of the proposal's size, log of the size ratio; sizes
+    in pixels, x2 - x1 + 1, as py-faster-rcnn's bbox_transform)."""
     px, py, pw, ph = _centres_and_sizes(proposals)
     tx, ty, tw, th = _centres_and_sizes(targets)
-    deltas = torch.stack(((tx - px) / pw, (ty - py) / ph, torch.log(tw / pw), torch.log(th / ph)), dim=1)
-    return deltas / deltas.new_tensor(stds)
+    return torch.stack(((tx - px) / pw, (ty - py) / ph, torch.log(tw / pw), torch.log(th / ph)), dim=-1)
 
 
-# The largest log size ratio applied at test (Detectron's value): keeps exp() finite.
-MAX_LOG_RATIO = math.log(1000 / 16)
-
-
-def decode_boxes(proposals: torch.Tensor, deltas: torch.Tensor, stds: tuple[float, ...]) -> torch.Tensor:
-    """Inverse of ``encode_boxes``: the boxes (N x 4) that ``deltas`` (N x 4) make of the proposals."""
-    deltas = deltas * deltas.new_tensor(stds)
+def decode_boxes(proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``encode_boxes``: the boxes that ``deltas`` (N x 4, or N x C x 4 for C classes)
+    make of the proposals (N x 4); the size ratio is capped at exp(``MAX_LOG_RATIO``)."""
+    if deltas.ndim == 3:
+        proposals = proposals[:, None, :]
     px, py, pw, ph = _centres_and_sizes(proposals)
-    cx = px + deltas[:, 0] * pw
-    cy = py + deltas[:, 1] * ph
-    w = pw * torch.exp(deltas[:, 2].clamp(max=MAX_LOG_RATIO))
-    h = ph * torch.exp(deltas[:, 3].clamp(max=MAX_LOG_RATIO))
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1), dim=1)
+    cx = px + deltas[..., 0] * pw
+    cy = py + deltas[..., 1] * ph
+    w = pw * torch.exp(deltas[..., 2].clamp(max=MAX_LOG_RATIO))
+    h = ph * torch.exp(deltas[..., 3].clamp(max=MAX_LOG_RATIO))
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w - 1, cy + 0.5 * h - 1), dim=-1)
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boxes clipped to the image (pixel indices 0..width-1, 0..height-1)."""
-    x = boxes[:, 0::2].clamp(0, width - 1)
-    y = boxes[:, 1::2].clamp(0, height - 1)
-    return torch.stack((x[:, 0], y[:, 0], x[:, 1], y[:, 1]), dim=1)
+    """Boxes (... x 4) clipped to the image (pixel indices 0..width-1, 0..height-1)."""
+    x = boxes[..., 0::2].clamp(0, width - 1)
+    y = boxes[..., 1::2].clamp(0, height - 1)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
 
 
 def _window_starts(extent: int, window: float, step: float) -> torch.Tensor:
@@ -220,21 +245,17 @@ def _window_starts(extent: int, window: float, step: float) -> torch.Tensor:
     return torch.linspace(0, max(room, 0.0), count, dtype=torch.float64)
 
 
-def sliding_window_proposals(height: int, width: int, config: DetectionConfig) -> torch.Tensor:
-    """Proposals for an image of this size: every window of ``config.window_sizes`` (fractions of
-    the shorter side) and ``config.window_ratios`` (width / height, same area as the square),
-    slid over the image with a step of ``config.window_stride`` times the window's extent.
-    Windows larger than the image are cut to it; duplicates are removed. N x 4 float32,
-    pixel-index coordinates, in a fixed order."""
+@functools.lru_cache(maxsize=256)
+def _windows(height: int, width: int, sizes: tuple, ratios: tuple, stride: float) -> torch.Tensor:
     shorter = min(height, width)
     windows = []
-    for size in config.window_sizes:
+    for size in sizes:
         side = size * shorter
-        for ratio in config.window_ratios:
+        for ratio in ratios:
             window_width = min(side * math.sqrt(ratio), width)
             window_height = min(side / math.sqrt(ratio), height)
-            xs = _window_starts(width, window_width, config.window_stride * window_width)
-            ys = _window_starts(height, window_height, config.window_stride * window_height)
+            xs = _window_starts(width, window_width, stride * window_width)
+            ys = _window_starts(height, window_height, stride * window_height)
             y0, x0 = torch.meshgrid(ys, xs, indexing="ij")
             x0, y0 = x0.reshape(-1), y0.reshape(-1)
             windows.append(torch.stack((x0, y0, x0 + window_width - 1, y0 + window_height - 1), dim=1))
@@ -242,128 +263,53 @@ def sliding_window_proposals(height: int, width: int, config: DetectionConfig) -
     return torch.unique(boxes, dim=0).to(torch.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# The detector
+def sliding_window_proposals(height: int, width: int, config: DetectionConfig) -> torch.Tensor:
+    """Proposals for an image of this size (px): every window of ``config.window_sizes``
+    (fractions of the shorter side) and ``config.window_ratios`` (width / height, same area as the
+    square), slid over the image with a step of ``config.window_stride`` times the window's extent.
+    Windows larger than the image are cut to it; duplicates are removed. N x 4 float32,
+    pixel-index coordinates, in a fixed order."""
+    return _windows(height, width, tuple(config.window_sizes), tuple(config.window_ratios), config.window_stride)
 
 
-class FastRCNN(nn.Module):
-    """AlexNet conv1..conv5 -> RoI pooling to pool5's grid -> fc6, fc7 -> class scores and boxes."""
-
-    def __init__(self, backbone: AlexNet, num_classes: int, generator: torch.Generator):
-        super().__init__()
-        self.features = backbone.features
-        self.grid = backbone.grid
-        self.embed = backbone.embed
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(backbone.embed_dim, num_classes + 1)
-        self.box_regressor = nn.Linear(backbone.embed_dim, 4 * num_classes)
-        # Fast R-CNN's initialisation of the new layers: Gaussian, std 0.01 and 0.001, zero bias.
-        nn.init.normal_(self.classifier.weight, std=0.01, generator=generator)
-        nn.init.normal_(self.box_regressor.weight, std=0.001, generator=generator)
-        nn.init.zeros_(self.classifier.bias)
-        nn.init.zeros_(self.box_regressor.bias)
-
-    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``images`` B x 3 x H x W (normalised); ``rois`` K x 5 (batch index, x1, y1, x2, y2 in
-        pixel-index coordinates). Returns class logits K x (C + 1) and box deltas K x C x 4."""
-        conv5 = self.features(images)
-        # Continuous coordinates: a box of pixels x1..x2 spans [x1, x2 + 1), then shifted to the
-        # conv5 cells' image positions (see CONV5_OFFSET).
-        regions = rois.clone()
-        regions[:, 3:5] += 1
-        regions[:, 1:5] -= CONV5_OFFSET
-        pooled = roi_align(conv5, regions, output_size=2 * self.grid, spatial_scale=1 / CONV5_STRIDE,
-                           sampling_ratio=2, aligned=True)
-        pooled = F.max_pool2d(pooled, kernel_size=2)
-        fc7 = self.embed(pooled)
-        return self.classifier(fc7), self.box_regressor(fc7).view(-1, self.num_classes, 4)
+def proposals_of(split: VocSplit, index: int, config: DetectionConfig) -> torch.Tensor:
+    """The proposals of image ``index`` of ``split`` (K x 4 float32, stored-image pixel indices):
+    its Selective Search boxes as prepared, or sliding windows over its stored size."""
+    if config.proposals == "sliding_window":
+        image = split.images[index]
+        return sliding_window_proposals(image.height, image.width, config)
+    boxes = torch.from_numpy(np.array(split.proposals(index), dtype=np.float32).reshape(-1, 4))
+    return boxes
 
 
-# ----------------------------------------------------------------------------------------------
-# Data
+def ground_truth(image: VocImage, train_difficult: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image's objects of the VOC classes as boxes (G x 4 float32, 0-based pixel indices of the
+    stored image) and class labels (G int64, 1..20; 0 is background), difficult ones included
+    unless ``train_difficult`` is False."""
+    objects = [obj for obj in image.objects if obj.name in VOC_CLASSES and (train_difficult or not obj.difficult)]
+    boxes = torch.tensor([[value - 1 for value in obj.box] for obj in objects], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor([VOC_CLASSES.index(obj.name) + 1 for obj in objects], dtype=torch.int64)
+    return boxes, labels
 
 
-@dataclass
-class _Image:
-    """One image decoded and scaled, with its objects in the scaled image's coordinates."""
+@dataclass(frozen=True)
+class Regions:
+    """An image's training regions (Fast R-CNN's roidb entry): its ground-truth boxes then its
+    proposals, each with its best IoU with a ground-truth box, that box's label and the box."""
 
-    image_id: str
-    pixels: torch.Tensor  # uint8 3 x H x W
-    scale_x: float  # scaled width / original width
-    scale_y: float
-    boxes: torch.Tensor  # K x 4, float32, scaled pixel-index coordinates
-    labels: torch.Tensor  # K, int64, 1..20 (0 is background)
-    difficult: torch.Tensor  # K, bool
-    objects: tuple[VocObject, ...]  # the same objects as annotated (original VOC coordinates)
+    boxes: torch.Tensor  # R x 4
+    best_iou: torch.Tensor  # R
+    labels: torch.Tensor  # R, int64, 0 when the image has no ground truth
+    targets: torch.Tensor  # R x 4, the best-overlapping ground-truth box (the region itself without one)
 
 
-def _scaled_size(height: int, width: int, config: DetectionConfig) -> tuple[int, int]:
-    scale = min(config.image_size / min(height, width), config.max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _load(images: list[VocImage], config: DetectionConfig) -> list[_Image]:
-    """Decode and scale every image once (``images.resize_uint8``)."""
-    loaded = []
-    for image in images:
-        pixels = decode_rgb(image.jpeg, image.image_id)
-        height, width = pixels.shape[-2:]
-        new_height, new_width = _scaled_size(height, width, config)
-        scaled = resize_uint8(pixels, new_height, new_width)
-        scale_x, scale_y = new_width / width, new_height / height
-        objects = [obj for obj in image.objects if obj.name in VOC_CLASSES]
-        # VOC boxes are 1-based: pixel index = VOC coordinate - 1, then scaled.
-        boxes = torch.tensor([[obj.box[0] - 1, obj.box[1] - 1, obj.box[2] - 1, obj.box[3] - 1] for obj in objects],
-                             dtype=torch.float32).reshape(-1, 4)
-        boxes = boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])
-        loaded.append(_Image(
-            image_id=image.image_id,
-            pixels=scaled,
-            scale_x=scale_x,
-            scale_y=scale_y,
-            boxes=clip_boxes(boxes, new_height, new_width),
-            labels=torch.tensor([VOC_CLASSES.index(obj.name) + 1 for obj in objects], dtype=torch.int64),
-            difficult=torch.tensor([obj.difficult for obj in objects], dtype=torch.bool),
-            objects=tuple(objects),
-        ))
-    return loaded
-
-
-def _batch_pixels(pixels: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Normalise images and pad them at the bottom and right to one size. Padding is 0 after
-    normalisation, the mean colour (Fast R-CNN pads mean-subtracted images with 0 too)."""
-    height = max(image.shape[1] for image in pixels)
-    width = max(image.shape[2] for image in pixels)
-    batch = torch.zeros((len(pixels), 3, height, width), device=device)
-    for index, image in enumerate(pixels):
-        batch[index, :, : image.shape[1], : image.shape[2]] = normalize(image[None].to(device))[0]
-    return batch
-
-
-class _Proposals:
-    """Sliding-window proposals per image size, computed once per size."""
-
-    def __init__(self, config: DetectionConfig):
-        self.config = config
-        self.cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def __call__(self, height: int, width: int) -> torch.Tensor:
-        if (height, width) not in self.cache:
-            self.cache[(height, width)] = sliding_window_proposals(height, width, self.config)
-        return self.cache[(height, width)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def _flip(image: _Image) -> tuple[torch.Tensor, torch.Tensor]:
-    """The image mirrored left-right, and its boxes mirrored with it."""
-    width = image.pixels.shape[2]
-    boxes = image.boxes.clone()
-    boxes[:, 0] = width - 1 - image.boxes[:, 2]
-    boxes[:, 2] = width - 1 - image.boxes[:, 0]
-    return image.pixels.flip(-1), boxes
+def image_regions(proposals: torch.Tensor, gt_boxes: torch.Tensor, gt_labels: torch.Tensor) -> Regions:
+    """The regions of one image (see ``Regions``)."""
+    boxes = torch.cat((gt_boxes, proposals)) if len(gt_boxes) else proposals
+    if len(gt_boxes) == 0:
+        return Regions(boxes, torch.zeros(len(boxes)), torch.zeros(len(boxes), dtype=torch.int64), boxes)
+    best_iou, best_gt = box_iou(boxes, gt_boxes).max(dim=1)
+    return Regions(boxes, best_iou, gt_labels[best_gt], gt_boxes[best_gt])
 
 
 def sample_rois(
@@ -373,170 +319,305 @@ def sample_rois(
     config: DetectionConfig,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fast R-CNN's region sampling for one training image.
-
-    The ground-truth boxes join the proposals; each region takes the label of the box it overlaps
-    most. Up to ``fg_fraction`` of ``rois_per_image`` regions are drawn from the foreground
-    (IoU >= fg_iou), the rest from the background (IoU in [bg_iou_low, bg_iou_high), label 0).
-    An image with no such background (no objects, or none near any window) draws its background
-    from all regions below bg_iou_high instead, so it still teaches what is not an object.
-    Returns regions R x 4, labels R, and the box each region regresses to, R x 4 (its best
-    ground-truth box; meaningless for background).
-    """
-    candidates = torch.cat((proposals, gt_boxes)) if len(gt_boxes) else proposals
-    if len(gt_boxes):
-        overlaps = box_iou(candidates, gt_boxes)
-        best_iou, best_gt = overlaps.max(dim=1)
-        labels = gt_labels[best_gt]
-        targets = gt_boxes[best_gt]
-    else:
-        best_iou = torch.zeros(len(candidates))
-        labels = torch.zeros(len(candidates), dtype=torch.int64)
-        targets = candidates.clone()
-    foreground = torch.nonzero(best_iou >= config.fg_iou).flatten()
-    background = torch.nonzero((best_iou >= config.bg_iou_low) & (best_iou < config.bg_iou_high)).flatten()
-    if len(background) == 0:
-        background = torch.nonzero(best_iou < config.bg_iou_high).flatten()
+    """Fast R-CNN's region sampling for one training image (lib/roi_data_layer/minibatch.py
+    ``_sample_rois``): up to round(``fg_fraction`` x ``rois_per_image``) regions drawn without
+    replacement from the foreground (IoU >= ``fg_iou``, ground-truth boxes included), the rest of
+    the ``rois_per_image`` from the background (IoU in [``bg_iou_low``, ``bg_iou_high``), label 0),
+    fewer when there are not enough. Returns regions R x 4, labels R, and the ground-truth box each
+    region regresses to, R x 4 (meaningless for background)."""
+    regions = image_regions(proposals, gt_boxes, gt_labels)
+    foreground = torch.nonzero(regions.best_iou >= config.fg_iou).flatten()
+    background = torch.nonzero((regions.best_iou >= config.bg_iou_low)
+                               & (regions.best_iou < config.bg_iou_high)).flatten()
     fg_count = min(round(config.fg_fraction * config.rois_per_image), len(foreground))
     bg_count = min(config.rois_per_image - fg_count, len(background))
     foreground = foreground[torch.randperm(len(foreground), generator=generator)[:fg_count]]
     background = background[torch.randperm(len(background), generator=generator)[:bg_count]]
     keep = torch.cat((foreground, background))
-    sampled_labels = labels[keep].clone()
-    sampled_labels[fg_count:] = 0
-    return candidates[keep], sampled_labels, targets[keep]
+    labels = regions.labels[keep].clone()
+    labels[fg_count:] = 0
+    return regions.boxes[keep], labels, regions.targets[keep]
 
 
-def _train_step_batch(
-    batch: list[_Image], proposals: _Proposals, config: DetectionConfig, generator: torch.Generator,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (flipped at random), sampled regions, their labels and regression targets."""
-    pixels, rois, labels, box_targets = [], [], [], []
-    for index, image in enumerate(batch):
-        flip = torch.rand((), generator=generator).item() < config.flip_probability
-        image_pixels, gt_boxes = _flip(image) if flip else (image.pixels, image.boxes)
-        trainable = ~image.difficult  # Fast R-CNN leaves difficult objects out of training
-        regions, region_labels, region_targets = sample_rois(
-            proposals(image.pixels.shape[1], image.pixels.shape[2]), gt_boxes[trainable], image.labels[trainable],
-            config, generator)
-        pixels.append(image_pixels)
-        rois.append(torch.cat((torch.full((len(regions), 1), float(index)), regions), dim=1))
-        labels.append(region_labels)
-        box_targets.append(encode_boxes(regions, region_targets, config.box_target_stds))
-    return (_batch_pixels(pixels, device), torch.cat(rois).to(device), torch.cat(labels).to(device),
-            torch.cat(box_targets).to(device))
+@dataclass(frozen=True)
+class BoxTargets:
+    """Per-class normalisation of the box regression targets: (C + 1) x 4 means and stds (row 0,
+    background, unused); a target is stored as (delta - mean) / std and predicted deltas are
+    mapped back with delta * std + mean (Fast R-CNN un-normalises the trained bbox_pred layer the
+    same way in lib/fast_rcnn/train.py ``snapshot``)."""
+
+    means: torch.Tensor
+    stds: torch.Tensor
+
+    def normalise(self, deltas: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (deltas - self.means[labels]) / self.stds[labels]
+
+    def denormalise(self, deltas: torch.Tensor) -> torch.Tensor:
+        """Predicted deltas K x C x 4 (classes 1..C) in pixels' units."""
+        return deltas * self.stds[1:].to(deltas) + self.means[1:].to(deltas)
 
 
-def _detection_loss(
-    logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, box_targets: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax cross-entropy over all regions, and smooth L1 (beta 1) between the foreground
-    regions' deltas for their own class and their targets, summed over the four numbers and
-    averaged over all regions (Fast R-CNN's normalisation)."""
+@dataclass(frozen=True)
+class TrainingRegions:
+    """What one pass over the training annotations and proposals finds (step 1 of the module
+    docstring)."""
+
+    usable: list[int]  # images with at least one foreground or background region
+    without_objects: int  # images with no object to train on
+    box_targets: BoxTargets
+
+
+def training_regions(train: VocSplit, config: DetectionConfig) -> TrainingRegions:
+    """The usable training images and the box targets' normalisation (Fast R-CNN: the regions at
+    IoU >= ``box_regression_iou``, ground truth included, of every training image and, with
+    flips, of its mirror image, whose dx is the negative; a class with no region, or targets
+    that do not vary, keeps mean 0 and std 1)."""
+    classes = len(VOC_CLASSES) + 1
+    counts = torch.zeros(classes, dtype=torch.float64)
+    sums = torch.zeros(classes, 4, dtype=torch.float64)
+    squares = torch.zeros(classes, 4, dtype=torch.float64)
+    usable, without_objects = [], 0
+    for index, image in enumerate(train.images):
+        gt_boxes, gt_labels = ground_truth(image, config.train_difficult)
+        if len(gt_boxes) == 0:
+            without_objects += 1
+        regions = image_regions(proposals_of(train, index, config), gt_boxes, gt_labels)
+        foreground = regions.best_iou >= config.fg_iou
+        background = (regions.best_iou >= config.bg_iou_low) & (regions.best_iou < config.bg_iou_high)
+        if len(gt_boxes) and (foreground.any() or background.any()):
+            usable.append(index)
+        chosen = regions.best_iou >= config.box_regression_iou
+        if len(gt_boxes) == 0 or not chosen.any():
+            continue
+        deltas = encode_boxes(regions.boxes[chosen], regions.targets[chosen]).double()
+        labels = regions.labels[chosen]
+        if config.flip_probability > 0:
+            deltas = torch.cat((deltas, deltas * deltas.new_tensor([-1.0, 1.0, 1.0, 1.0])))
+            labels = torch.cat((labels, labels))
+        counts.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
+        sums.index_add_(0, labels, deltas)
+        squares.index_add_(0, labels, deltas**2)
+    if config.box_normalisation == "fixed":
+        means = torch.zeros(classes, 4)
+        stds = torch.tensor(config.box_target_stds, dtype=torch.float32).expand(classes, 4).clone()
+    else:
+        seen = counts > 0
+        means = torch.zeros(classes, 4, dtype=torch.float64)
+        means[seen] = sums[seen] / counts[seen, None]
+        variances = torch.zeros(classes, 4, dtype=torch.float64)
+        variances[seen] = (squares[seen] / counts[seen, None] - means[seen] ** 2).clamp(min=0)
+        stds = variances.sqrt()
+        stds[stds <= 1e-12] = 1.0
+        means, stds = means.float(), stds.float()
+    return TrainingRegions(usable, without_objects, BoxTargets(means, stds))
+
+
+# ----------------------------------------------------------------------------------------------
+# The detector
+
+
+class FastRCNN(nn.Module):
+    """The region network (conv1..conv5, RoI pooling to pool5's grid, fc6, fc7) -> a (classes + 1)-way
+    classifier (background is class 0) and class-specific box regression.
+    ``forward(images, rois)``: class logits K x (C + 1), box deltas K x C x 4 (normalised)."""
+
+    def __init__(self, network: RegionNetwork, num_classes: int, generator: torch.Generator):
+        super().__init__()
+        self.network = network
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(network.embed_dim, num_classes + 1)
+        self.box_regressor = nn.Linear(network.embed_dim, 4 * num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.01, generator=generator)
+        nn.init.normal_(self.box_regressor.weight, std=0.001, generator=generator)
+        nn.init.zeros_(self.classifier.bias)
+        nn.init.zeros_(self.box_regressor.bias)
+
+    def forward(self, images: torch.Tensor, rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fc7 = self.network(images, rois)
+        return self.classifier(fc7), self.box_regressor(fc7).view(-1, self.num_classes, 4)
+
+
+def detection_loss(logits: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax cross-entropy averaged over the regions, and smooth L1 (beta 1) between the
+    foreground regions' deltas for their own class and their normalised targets, summed over the
+    four numbers and divided by the number of regions (Fast R-CNN's SmoothL1Loss layer)."""
     classification = F.cross_entropy(logits, labels)
     foreground = torch.nonzero(labels > 0).flatten()
     own_class = deltas[foreground, labels[foreground] - 1]
-    regression = F.smooth_l1_loss(own_class, box_targets[foreground], beta=1.0, reduction="sum") / len(labels)
+    regression = F.smooth_l1_loss(own_class, targets[foreground], beta=1.0, reduction="sum") / len(labels)
     return classification, regression
 
 
-def _train(model: FastRCNN, images: list[_Image], proposals: _Proposals, config: DetectionConfig,
-           generator: torch.Generator, device: torch.device, log, curve=None) -> None:
-    conv = list(model.features.parameters())
-    conv_ids = {id(p) for p in conv}
-    rest = [p for p in model.parameters() if id(p) not in conv_ids]
-    groups = [{"params": conv, "scale": config.conv_lr_scale}, {"params": rest, "scale": 1.0}]
-    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    drop_epoch = math.ceil(config.lr_drop_at * config.epochs)
-    for epoch in range(config.epochs):
-        model.train()
-        lr = config.lr if epoch < drop_epoch else config.lr / 10
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
-        order = torch.randperm(len(images), generator=generator).tolist()
-        totals = torch.zeros(2)
-        steps = 0
-        started = time.perf_counter()
-        for first in range(0, len(order), config.batch_size):
-            batch = [images[index] for index in order[first : first + config.batch_size]]
-            pixels, rois, labels, box_targets = _train_step_batch(batch, proposals, config, generator, device)
-            if len(rois) == 0:
-                continue
-            logits, deltas = model(pixels, rois)
-            classification, regression = _detection_loss(logits, deltas, labels, box_targets)
+def _train(model: FastRCNN, train: VocSplit, regions: TrainingRegions, config: DetectionConfig, plan: Schedule,
+           seed: int, device: torch.device, workers: int, log, curve: Curve) -> None:
+    generator = child_generator(seed, 2)  # region sampling (0: the new layers, 1: the image order)
+    conv_ids = {id(p) for conv in model.network.convs for p in conv.parameters()}
+    head_ids = {id(p) for layer in (model.classifier, model.box_regressor) for p in layer.parameters()}
+    optimizer = caffe_sgd(model, conv_ids, head_ids, config)
+    per_batch = min(config.images_per_batch, len(regions.usable))
+    order = training_plan(regions.usable, plan, config.images_per_batch, config.flip_probability,
+                          child_generator(seed, 1))
+    progress = Progress("detection: train", plan.iterations, unit="it", log=log)
+    window = []
+    model.train()
+    with ImageStream(train, config.image_size, config.max_size, workers, ahead=max(4, 2 * workers)) as stream:
+        images = stream.images(order)
+        for iteration in range(plan.iterations):
+            batch = [next(images) for _ in range(per_batch)]
+            lr = plan.lr(config.lr, iteration)
+            set_lr(optimizer, lr)
+            rois, labels, targets = [], [], []
+            for position, image in enumerate(batch):
+                source = train.images[image.index]
+                gt_boxes, gt_labels = ground_truth(source, config.train_difficult)
+                proposals = proposals_of(train, image.index, config)
+                if image.flipped:
+                    gt_boxes, proposals = flip_boxes(gt_boxes, source.width), flip_boxes(proposals, source.width)
+                boxes, box_labels, box_targets = sample_rois(proposals, gt_boxes, gt_labels, config, generator)
+                rois.append(torch.cat((torch.full((len(boxes), 1), float(position)), boxes * image.scale), dim=1))
+                labels.append(box_labels)
+                targets.append(regions.box_targets.normalise(encode_boxes(boxes, box_targets), box_labels))
+            logits, deltas = model(image_batch([image.pixels for image in batch], device), torch.cat(rois).to(device))
+            classification, regression = detection_loss(logits, deltas, torch.cat(labels).to(device),
+                                                        torch.cat(targets).to(device))
             loss = classification + regression
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals += torch.tensor([classification.item(), regression.item()])
-            steps += 1
-        classification, regression = (totals / max(steps, 1)).tolist()
-        log(f"detection epoch {epoch + 1}/{config.epochs}: loss {classification + regression:.4f} "
-            f"(classification {classification:.4f}, box {regression:.4f}), lr {lr:g}, "
-            f"{time.perf_counter() - started:.1f}s")
-        if curve is not None:
-            curve({"detection/loss": classification + regression, "detection/lr": lr}, epoch + 1)
+            window.append((classification.item(), regression.item()))
+            if (iteration + 1) % DISPLAY_EVERY == 0 or iteration + 1 == plan.iterations:
+                mean_classification, mean_regression = np.mean(window, axis=0)
+                curve({"detection/loss": float(mean_classification + mean_regression),
+                       "detection/loss_classification": float(mean_classification),
+                       "detection/loss_box": float(mean_regression), "detection/lr": lr}, iteration + 1)
+                window = []
+            progress.update()
+    progress.close()
 
 
 # ----------------------------------------------------------------------------------------------
 # Test
 
 
+@dataclass(frozen=True)
+class ImageDetections:
+    """The detections kept in one test image: class labels (1..C), scores, boxes in the stored
+    image's VOC coordinates (1-based), best first within each class."""
+
+    labels: np.ndarray  # int64
+    scores: np.ndarray  # float64
+    boxes: np.ndarray  # float64, N x 4
+
+
+def detect_in_image(scores: torch.Tensor, boxes: torch.Tensor, config: DetectionConfig) -> ImageDetections:
+    """Per class: the boxes scoring above ``score_threshold``, non-maximum suppression at
+    ``nms_iou``; then, when more than ``max_detections`` remain over all classes, those scoring at
+    least the ``max_detections``-th best (py-faster-rcnn's ``test_net``). ``scores``: K x (C + 1)
+    softmax scores; ``boxes``: K x C x 4 class-specific boxes, 0-based pixel indices."""
+    candidates, classes = torch.nonzero(scores[:, 1:] > config.score_threshold, as_tuple=True)
+    if len(candidates) == 0:
+        return ImageDetections(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 4)))
+    kept_scores = scores[candidates, classes + 1]
+    kept_boxes = boxes[candidates, classes]
+    # torchvision's nms measures a box as x2 - x1: add one pixel so areas follow VOC's convention.
+    keep = batched_nms(kept_boxes + kept_boxes.new_tensor([0.0, 0.0, 1.0, 1.0]), kept_scores, classes,
+                       config.nms_iou)
+    labels, found_scores, found_boxes = classes[keep] + 1, kept_scores[keep], kept_boxes[keep]
+    if len(found_scores) > config.max_detections:
+        threshold = torch.sort(found_scores).values[-config.max_detections]
+        chosen = found_scores >= threshold
+        labels, found_scores, found_boxes = labels[chosen], found_scores[chosen], found_boxes[chosen]
+    order = np.lexsort((-found_scores.double().numpy(), labels.numpy()))  # by class, best first
+    return ImageDetections(labels.numpy()[order].astype(np.int64), found_scores.double().numpy()[order],
+                           found_boxes.double().numpy()[order] + 1)
+
+
 @torch.no_grad()
-def _detect(model: FastRCNN, images: list[_Image], proposals: _Proposals, config: DetectionConfig,
-            device: torch.device, batch_size: int) -> dict[int, list[tuple[str, float, tuple[float, float, float, float]]]]:
-    """Detections per class index (1..C): (image id, score, box in original VOC coordinates)."""
+def _test(model: FastRCNN, test: VocSplit, box_targets: BoxTargets, config: DetectionConfig, device: torch.device,
+          runtime: DetectionRuntime, workers: int, log) -> list[ImageDetections]:
+    """Every test image's detections, in split order, ``runtime.test_batch_size`` images per
+    forward pass."""
     model.eval()
-    detections: dict[int, list] = {label: [] for label in range(1, model.num_classes + 1)}
-    for first in range(0, len(images), batch_size):
-        batch = images[first : first + batch_size]
-        windows = [proposals(image.pixels.shape[1], image.pixels.shape[2]) for image in batch]
-        rois = torch.cat([torch.cat((torch.full((len(boxes), 1), float(index)), boxes), dim=1)
-                          for index, boxes in enumerate(windows)])
-        logits, deltas = model(_batch_pixels([image.pixels for image in batch], device), rois.to(device))
-        scores = logits.softmax(dim=1).cpu()
-        deltas = deltas.cpu()
+    found = []
+    progress = Progress("detection: test", len(test), unit="images", log=log)
+
+    def detect(batch: list) -> None:
+        proposals = [proposals_of(test, image.index, config) for image in batch]
+        rois = torch.cat([torch.cat((torch.full((len(boxes), 1), float(position)), boxes * image.scale), dim=1)
+                          for position, (image, boxes) in enumerate(zip(batch, proposals))])
+        if len(rois):
+            logits, deltas = model(image_batch([image.pixels for image in batch], device), rois.to(device))
+            scores, deltas = logits.float().softmax(dim=1).cpu(), box_targets.denormalise(deltas.float().cpu())
         start = 0
-        for image, boxes in zip(batch, windows):
+        for image, boxes in zip(batch, proposals):
             end = start + len(boxes)
-            detections_of_image = _detect_in_image(image, boxes, scores[start:end], deltas[start:end], config)
-            for label, score, box in detections_of_image:
-                detections[label].append((image.image_id, score, box))
+            if len(boxes) == 0:
+                found.append(detect_in_image(torch.zeros(0, 1), torch.zeros(0, 0, 4), config))
+            else:
+                source = test.images[image.index]
+                decoded = decode_boxes(boxes, deltas[start:end])
+                found.append(detect_in_image(scores[start:end], clip_boxes(decoded, source.height, source.width),
+                                             config))
             start = end
-    return detections
+        progress.update(len(batch))
+
+    with ImageStream(test, config.image_size, config.max_size, workers, ahead=max(4, 2 * workers)) as stream:
+        batch = []
+        for image in stream.images((index, False) for index in range(len(test))):
+            batch.append(image)
+            if len(batch) == runtime.test_batch_size:
+                detect(batch)
+                batch = []
+        if batch:
+            detect(batch)
+    progress.close()
+    return found
 
 
-def _detect_in_image(image: _Image, proposals: torch.Tensor, scores: torch.Tensor, deltas: torch.Tensor,
-                     config: DetectionConfig) -> list[tuple[int, float, tuple[float, float, float, float]]]:
-    """Per class: regress, clip, threshold, NMS; then the best ``max_detections`` over all
-    classes, as (class index, score, box in the original image's VOC coordinates)."""
-    height, width = image.pixels.shape[1:]
-    found_labels, found_scores, found_boxes = [], [], []
-    for label in range(1, scores.shape[1]):
-        keep = torch.nonzero(scores[:, label] >= config.score_threshold).flatten()
-        if len(keep) == 0:
-            continue
-        boxes = clip_boxes(decode_boxes(proposals[keep], deltas[keep, label - 1], config.box_target_stds),
-                           height, width)
-        class_scores = scores[keep, label]
-        # torchvision's nms measures areas as (x2 - x1) * (y2 - y1): pass the boxes' pixel
-        # extents so it uses VOC's inclusive-corner areas.
-        extents = boxes + torch.tensor([0.0, 0.0, 1.0, 1.0])
-        kept = nms(extents, class_scores, config.nms_iou)
-        found_labels.append(torch.full((len(kept),), label))
-        found_scores.append(class_scores[kept])
-        found_boxes.append(boxes[kept])
-    if not found_scores:
-        return []
-    labels, scores, boxes = torch.cat(found_labels), torch.cat(found_scores), torch.cat(found_boxes)
-    best = torch.argsort(scores, descending=True, stable=True)[: config.max_detections]
-    # Back to the original image: undo the scaling, then pixel index + 1 = VOC coordinate.
-    scale = torch.tensor([image.scale_x, image.scale_y, image.scale_x, image.scale_y])
-    voc_boxes = boxes[best] / scale + 1
-    return [(int(labels[index]), float(scores[index]), tuple(float(value) for value in box))
-            for index, box in zip(best.tolist(), voc_boxes)]
+def score_detections(test: VocSplit, found: list[ImageDetections]) -> tuple[dict[str, float], dict[str, pa.Table],
+                                                                             list[str]]:
+    """Match each class's detections to the test ground truth (``metrics.match_detections``),
+    score them, and build the per-image tables. Returns (AP per class with positives, as
+    fractions; the tables ``voc07_det_detections`` and ``voc07_det_positives``; the classes
+    without a non-difficult test object)."""
+    image_ids = [image.image_id for image in test.images]
+    aps, absent = {}, []
+    columns = {"image_id": [], "class": [], "score": [], "tp": [], "fp": []}
+    positives = {"image_id": [], "class": [], "positives": []}
+    for label, name in enumerate(VOC_CLASSES, start=1):
+        truth = {image.image_id: [(obj.box, obj.difficult) for obj in image.objects if obj.name == name]
+                 for image in test.images}
+        for image_id, objects in zip(image_ids, truth.values()):
+            positives["image_id"].append(image_id)
+            positives["class"].append(name)
+            positives["positives"].append(sum(1 for _, difficult in objects if not difficult))
+        detections = [(image_ids[index], float(score), tuple(box.tolist()))
+                      for index, detected in enumerate(found)
+                      for score, box in zip(detected.scores[detected.labels == label],
+                                            detected.boxes[detected.labels == label])]
+        tp, fp, count = match_detections(detections, truth)
+        scores = np.array([score for _, score, _ in detections], dtype=np.float64)
+        columns["image_id"] += [image_id for image_id, _, _ in detections]
+        columns["class"] += [name] * len(detections)
+        columns["score"] += scores.tolist()
+        columns["tp"] += tp.tolist()
+        columns["fp"] += fp.tolist()
+        if count == 0:
+            absent.append(name)
+        else:
+            aps[name] = ranked_detection_ap(scores, tp, fp, count, eleven_point=True)
+    tables = {
+        "voc07_det_detections": pa.table({"image_id": pa.array(columns["image_id"], pa.string()),
+                                          "class": pa.array(columns["class"], pa.string()),
+                                          "score": pa.array(columns["score"], pa.float64()),
+                                          "tp": pa.array(columns["tp"], pa.bool_()),
+                                          "fp": pa.array(columns["fp"], pa.bool_())}),
+        "voc07_det_positives": pa.table({"image_id": pa.array(positives["image_id"], pa.string()),
+                                         "class": pa.array(positives["class"], pa.string()),
+                                         "positives": pa.array(positives["positives"], pa.int64())}),
+    }
+    return aps, tables, absent
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,64 +626,65 @@ def _detect_in_image(image: _Image, proposals: torch.Tensor, scores: torch.Tenso
 
 def evaluate_detection(
     backbone: AlexNet,
-    trainval: list[VocImage],
-    test: list[VocImage],
+    data: VocSplits,
     config: DetectionConfig,
     device: torch.device,
     seed: int,
     log=print,
-    curve=None,
+    curve: Curve = no_curve,
+    *,
     runtime: DetectionRuntime = DetectionRuntime(),
-) -> dict[str, float]:
-    """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``trainval`` and measure it on
-    ``test``. Returns percent: ``voc07_det_map`` and ``voc07_det_ap/<class>`` for each VOC class
-    that has a non-difficult object in ``test`` (the others are logged and left out). ``runtime``:
-    how fast, not what (``DetectionRuntime``).
+) -> StageOutput:
+    """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``data.train`` (VOC 2007
+    trainval) and measure it on ``data.test`` (VOC 2007 test); see the module docstring.
 
-    The caller's backbone is not modified. Runs are deterministic for a seed on CPU: every random
-    draw comes from ``seed`` (global RNG state, which dropout uses, is restored afterwards).
-    ``curve`` (when given) gets ``detection/loss`` (the epoch's mean classification + box loss)
-    and ``detection/lr`` (the rate of fc6 onwards; the conv layers' is ``conv_lr_scale`` times it)
-    at step = epoch.
+    Returns ``StageOutput``: metrics in percent, ``voc07_det_map`` and ``voc07_det_ap/<class>`` for
+    each class with a non-difficult test object; per-image tables ``voc07_det_detections`` and
+    ``voc07_det_positives``. ``curve`` receives ``detection/loss`` (with its classification and
+    box parts) and ``detection/lr`` every 20 iterations, step = iterations done. ``runtime``: how
+    fast, not what (``DetectionRuntime``: decoding threads, test images per forward pass).
+    ``config`` is taken as checked (``config.from_dict`` validates the trial's config).
+
+    The caller's backbone is not modified. Every random draw comes from ``seed`` (the new layers,
+    region sampling, image order and flips; dropout from torch's global generator, seeded here
+    and restored afterwards), so a run on the CPU is repeated exactly. Raises UserError for an
+    empty split, a training split with no usable image, or a test split with no object.
     """
-    if not trainval:
-        raise UserError("the VOC 2007 trainval split is empty: the detector has nothing to train on")
-    if not test:
-        raise UserError("the VOC 2007 test split is empty: there is nothing to measure detection on")
+    train, test = data.train, data.test
+    if not len(train):
+        raise UserError(f"the {train.name} split is empty: the detector has nothing to train on")
+    if not len(test):
+        raise UserError(f"the {test.name} split is empty: there is nothing to measure detection on")
     started = time.perf_counter()
-    train_images = _load(trainval, config)
-    test_images = _load(test, config)
-    proposals = _Proposals(config)
-    log(f"detection: {len(train_images)} trainval and {len(test_images)} test images decoded "
-        f"({time.perf_counter() - started:.1f}s), about "
-        f"{len(proposals(test_images[0].pixels.shape[1], test_images[0].pixels.shape[2]))} proposals per image")
+    workers = runtime.workers or default_workers(device)
+    regions = training_regions(train, config)
+    if not regions.usable:
+        raise UserError(f"no image of {train.name} has an object to train on")
+    plan = schedule(config, len(regions.usable))
+    log(f"detection: {len(regions.usable)} of {len(train)} {train.name} images to train on"
+        + (f" ({regions.without_objects} without objects left out, as Fast R-CNN's filter_roidb does)"
+           if regions.without_objects else "")
+        + f", {plan.iterations} iterations (lr / 10 at {plan.lr_step}), {config.proposals} proposals")
 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)  # dropout draws from the global generator
-        generator = torch.Generator().manual_seed(seed)
-        model = FastRCNN(copy.deepcopy(backbone), len(VOC_CLASSES), generator).to(device)
-        _train(model, train_images, proposals, config, generator, device, log, curve)
-        detections = _detect(model, test_images, proposals, config, device, runtime.test_batch_size)
+        network = RegionNetwork(backbone, config.roi_pool)
+        network.freeze_convs(config.frozen_convs)
+        model = FastRCNN(network, len(VOC_CLASSES), child_generator(seed, 0)).to(device)
+        trained = time.perf_counter()
+        _train(model, train, regions, config, plan, seed, device, workers, log, curve)
+        trained = time.perf_counter() - trained
+        found = _test(model, test, regions.box_targets, config, device, runtime, workers, log)
 
-    metrics: dict[str, float] = {}
-    aps = []
-    absent = []
-    for label, name in enumerate(VOC_CLASSES, start=1):
-        ground_truth = {image.image_id: [(obj.box, obj.difficult) for obj in image.objects if obj.name == name]
-                        for image in test_images}
-        ap = detection_ap(detections[label], ground_truth, iou_threshold=0.5, eleven_point=True)
-        if math.isnan(ap):
-            absent.append(name)
-            continue
-        metrics[f"voc07_det_ap/{name}"] = 100 * ap
-        aps.append(ap)
+    aps, tables, absent = score_detections(test, found)
     if not aps:
-        raise UserError("the VOC 2007 test images have no non-difficult object of any class: mAP is undefined")
+        raise UserError(f"the {test.name} images have no non-difficult object of any class: mAP is undefined")
     if absent:
-        log(f"detection: no non-difficult test objects of {', '.join(absent)}: left out of the mean, "
-            "no AP reported")
-    metrics["voc07_det_map"] = 100 * mean_ap(aps)
-    log(f"detection: mAP {metrics['voc07_det_map']:.1f} over {len(aps)} classes "
-        f"({time.perf_counter() - started:.1f}s)")
-    return metrics
+        log(f"detection: no non-difficult test objects of {', '.join(absent)}: left out of the mean, no AP reported")
+    metrics = {f"{DETECTION_AP}/{name}": 100 * ap for name, ap in aps.items()}
+    metrics["voc07_det_map"] = 100 * mean_ap(aps.values())
+    log(f"detection: mAP {metrics['voc07_det_map']:.1f} over {len(aps)} classes; {plan.iterations} iterations in "
+        f"{trained:.1f}s ({plan.iterations / max(trained, 1e-9):.2f} it/s), {time.perf_counter() - started:.1f}s "
+        "in all")
+    return StageOutput(metrics, tables)
