@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=None, help="DataLoader processes and decode threads "
                                                                   "(default: all cores)")
     bench.add_argument("--short-side", default=None, metavar="PX[,PX...]",
-                       help="shorter side of the project's shards, one run each (default: 256/224 of the resolution)")
+                       help="shorter side of the project's shards, one run each (default: 256/227 of the resolution)")
     bench.add_argument("--cpu-share", default=None, metavar="F[,F...]",
                        help="CUDA: fractions of each batch decoded by CPU threads, one run each (default 0,0.5)")
     bench.add_argument("--compile", choices=("auto", "on", "off"), default=None,

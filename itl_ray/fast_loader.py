@@ -7,7 +7,7 @@ batches, on the GPU where there is one.
      seeded generator before anything is decoded (``crop_plans``).
   2. Pixels, from one of three sources:
      - cache: a set that fits ``cache_gib`` is decoded once into uint8 squares (shorter side
-       resized to 256/224 of the crop, center square: Caffe's ImageNet recipe, as
+       resized to 256/227 of the crop, center square: Caffe's ImageNet recipe, as
        ``images.load_squares``), kept on the training device; batches are cut from it (the demo's
        subsets go this way).
      - CPU threads: ``workers`` threads decode the JPEG bytes (torchvision.io's decoder releases the
@@ -25,7 +25,7 @@ batches, on the GPU where there is one.
 
 Where the time goes on a CPU (this project's 2-core machine, measured): JPEG decode dominates and
 grows with the stored size (500x375: about 1 ms per image; 97x73: 0.1 ms), so shards prepared at
-the shorter side the crops need (256 for 224 px, 73 for 64 px) are the main saving; PIL decodes
+the shorter side the crops need (256 for 227 px, 72 for 64 px) are the main saving; PIL decodes
 these small images at half torchvision.io's speed; a uint8 antialiased resize costs 0.04-0.3 ms;
 Python costs a few microseconds per image. Decoding beside a CPU training step must not share its
 cores: torch's OpenMP threads spin at barriers, and such steps ran up to 10x slower on a busy

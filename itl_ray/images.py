@@ -5,8 +5,9 @@ same way: decoded to RGB uint8 3xHxW, resized with antialiased bilinear interpol
 float and rounded to the nearest level (``resize_uint8``), normalised with ImageNet's channel
 means and standard deviations (``normalize``).
 
-Crop sizes follow the usual ImageNet recipe: images are resized so the shorter side is 256 px and
-224 px crops are cut from them; at other crop sizes the same ratio holds (``short_side_for``).
+Crop sizes follow Caffe's ImageNet recipe, the study's: images stored at 256 px, 227 px crops cut
+from them (``CAFFE_SHORT_SIDE``, ``CAFFE_CROP``); at other crop sizes the same ratio holds
+(``short_side_for``), so images prepared at that shorter side are cropped and never resampled.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 from itl_ray.errors import UserError
+
+# Caffe's ImageNet recipe: images resized to 256 px (examples/imagenet/create_imagenet.sh,
+# RESIZE_HEIGHT=256 RESIZE_WIDTH=256), random 227 px crops (models/bvlc_reference_caffenet/
+# train_val.prototxt, ``transform_param { crop_size: 227 }``). Caffe warps the whole image to
+# 256x256; this project keeps the aspect ratio (shorter side 256, centre square): an assumption.
+CAFFE_SHORT_SIDE = 256  # px
+CAFFE_CROP = 227  # px
 
 # ImageNet's channel means and standard deviations (the usual torchvision values, in 0..1 units),
 # shaped 1x3x1x1 to broadcast over an Nx3xHxW batch.
@@ -109,7 +117,8 @@ def center_crops(batch: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def short_side_for(resolution: int) -> int:
-    """Shorter side (px) an image is resized to before ``resolution`` px crops: 256 for 224, the
-    usual ImageNet ratio (torchvision's references; Caffe's bvlc_alexnet cuts 227 px crops from
-    256 px images), rounded to whole pixels (73 for 64)."""
-    return round(resolution * 256 / 224)
+    """Shorter side (px) an image is resized to before ``resolution`` px crops: Caffe's ratio,
+    256 for 227 (``CAFFE_SHORT_SIDE`` / ``CAFFE_CROP``), rounded to whole pixels (72 for 64, 253
+    for 224). Images prepared at this shorter side are cropped as stored: no resampling, and in
+    particular no upsampling (ImageNet's default ``itl-ray prepare`` side is 256, the crop 227)."""
+    return round(resolution * CAFFE_SHORT_SIDE / CAFFE_CROP)

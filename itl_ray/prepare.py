@@ -35,8 +35,10 @@ from itl_ray.files import atomic_path, write_json
 from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, REPORT, SHARDS, read_shard, shard_path,
                             shard_skipped, write_shard)
 
-# Stored shorter side per kind: ImageNet and SUN397 are trained on 224-227 px crops of 256 px images;
-# VOC images (at most 500 px) are kept at their size for detection and person crops.
+# Stored shorter side per kind: ImageNet and SUN397 are trained on 227 px crops of 256 px images
+# (Caffe's recipe: images.CAFFE_SHORT_SIDE, which this module does not import to stay free of torch;
+# tests/test_crop_plans.py checks they agree); VOC images (at most 500 px) are kept at their size
+# for detection and person crops.
 DEFAULT_SHORT_SIDE = {"imagenet": 256, "voc2007": 0, "voc2012-action": 0, "sun397": 256}
 VOC2007_SPLITS = ("train", "val", "trainval", "test")  # trainval and test are required
 VOC2012_SPLITS = ("train", "val", "trainval")  # train and val are required

@@ -109,7 +109,7 @@ def small_backbone() -> AlexNet:
     detector could learn little from it in seconds; He initialisation stands in for pretraining."""
     torch.manual_seed(0)
     backbone = AlexNet(num_classes=10, width=0.25, resolution=64)
-    for fc in (backbone.embed[2], backbone.embed[5]):
+    for fc in (backbone.embed.fc6, backbone.embed.fc7):
         torch.nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
         torch.nn.init.zeros_(fc.bias)
     return backbone

@@ -12,6 +12,7 @@ import torch
 from itl_ray.datasets.synthetic import Sizes, dataset_paths, synthesize
 from itl_ray.errors import UserError
 from itl_ray.image_rows import ImageRows
+from itl_ray.images import short_side_for
 from itl_ray.models import AlexNet
 from itl_ray.prepare import PrepareSettings, prepare
 from itl_ray.pretrain import PretrainConfig, TrainStep, pretrain, top1
@@ -25,12 +26,12 @@ DEMO = PretrainConfig(epochs=18, batch_size=64, lr=0.02, lr_drop_every=14)
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory) -> Prepared:
     """A mini ImageNet with 40 training and 10 validation images per class (the demo's generator),
-    prepared at the shorter side 64 px crops are cut from (73 px)."""
+    prepared at the shorter side 64 px crops are cut from (72 px)."""
     base = tmp_path_factory.mktemp("pretrain")
     sizes = Sizes(train_per_class=40, val_per_class=10, voc07_trainval=4, voc07_test=4, voc12_train=4, voc12_val=4,
                   sun_per_scene=2)
     raw = synthesize(base / "mini", seed=0, sizes=sizes)
-    prepare("imagenet", dataset_paths(raw)["imagenet"], base / "imagenet", PrepareSettings(short_side=73))
+    prepare("imagenet", dataset_paths(raw)["imagenet"], base / "imagenet", PrepareSettings(short_side=short_side_for(64)))
     return Prepared(base / "imagenet", "imagenet")
 
 
