@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from itl_ray.errors import UserError
-from itl_ray.models import MIN_RESOLUTION
+from itl_ray.models import INITS, MIN_RESOLUTION, VARIANTS
 from itl_ray.pretrain import PretrainConfig
 from itl_ray.shards import prepared_paths
 from itl_ray.transfer.action import ActionConfig
 from itl_ray.transfer.detection import DetectionConfig
+from itl_ray.transfer.induction import InductionConfig
 from itl_ray.transfer.scene import SceneConfig
 
 MINI_PATHS = prepared_paths("data/mini-shards")  # where `make demo` prepares the mini-benchmark
@@ -37,35 +38,43 @@ class DataConfig:
     imagenet: str = MINI_PATHS["imagenet"]  # prepared imagenet
     voc2007: str = MINI_PATHS["voc2007"]  # prepared voc2007
     voc2012: str = MINI_PATHS["voc2012"]  # prepared voc2012-action
-    sun397: str = MINI_PATHS["sun397"]  # prepared sun397
-    sun397_partition: int = 1  # which of the 10 official train/test partitions
+    sun397: str = MINI_PATHS["sun397"]  # prepared sun397 (which partitions: transfer.scene.partitions)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """AlexNet size (``itl_ray.models.AlexNet``). The study: width 1.0 at 227 px (Caffe's
-    bvlc_alexnet); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
+    """AlexNet (``itl_ray.models.AlexNet``). The study: Caffe's network at width 1.0 and 227 px
+    (``variant``: bvlc_reference_caffenet by default, or bvlc_alexnet; ``init``: caffe, the
+    prototxt's Gaussians, or kaiming); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
 
     width: float = 1.0  # channel multiplier of every layer
     resolution: int = 227  # square input side for pretraining and classification transfer (px)
+    variant: str = "bvlc_reference_caffenet"  # which Caffe prototxt: LRN after (caffenet) or before pooling
+    init: str = "caffe"  # caffe: the prototxt's Gaussian fillers; kaiming: He initialisation (small nets)
 
     def validate(self, path: str) -> None:
-        """UserError naming the key for a width <= 0 or a resolution AlexNet cannot take."""
+        """UserError naming the key for a width <= 0, a resolution AlexNet cannot take, or a
+        variant or init it does not know."""
         prefix = f"{path}." if path else ""
         if not self.width > 0:
             raise UserError(f"{prefix}width must be > 0 (1.0 is the study's AlexNet), got {self.width}")
         if self.resolution < MIN_RESOLUTION:
             raise UserError(f"{prefix}resolution must be >= {MIN_RESOLUTION} px (AlexNet's pool5 needs a cell), "
                             f"got {self.resolution}")
+        for key, allowed in (("variant", VARIANTS), ("init", INITS)):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """The three transfer evaluations; each fine-tunes the whole pretrained network."""
+    """The three transfer evaluations, each fine-tuning the whole pretrained network, and induction
+    accuracy (nearest neighbours on fc7 features, off unless ``induction.enabled``)."""
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     action: ActionConfig = field(default_factory=ActionConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)
+    induction: InductionConfig = field(default_factory=InductionConfig)
 
 
 @dataclass(frozen=True)

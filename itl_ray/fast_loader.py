@@ -205,12 +205,15 @@ class FastLoader:
         return out
 
     # -- one epoch
-    def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, generator: torch.Generator | None = None,
+              start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: (images float Bx3xRxR, ImageNet-normalised, labels int64 B) on the
         device, ``batch_size`` per batch (the last may be smaller). Training draws the order, crops
         and flips from ``generator`` (required; ValueError without it); evaluation takes the images
-        in order, center crops. Raises UserError naming the row of an image that cannot be decoded
-        or whose size differs from the manifest's."""
+        in order, center crops. ``start``: the first batch to make (a run resumed mid-epoch): the
+        whole epoch is drawn all the same, so the generator ends where a full epoch leaves it, and
+        the batches before ``start`` are not decoded. Raises UserError naming the row of an image
+        that cannot be decoded or whose size differs from the manifest's."""
         count = len(self.images)
         if self.cache is not None:
             heights = widths = np.full(count, self.side, dtype=np.int64)
@@ -218,7 +221,8 @@ class FastLoader:
             heights, widths = self.heights, self.widths
         order, plans, flips = epoch_plan(heights, widths, self.augment, self.resolution, self.batch_size, self.train,
                                          generator)
-        batches = [(start, min(count, start + self.batch_size)) for start in range(0, count, self.batch_size)]
+        batches = [(first, min(count, first + self.batch_size)) for first in range(0, count, self.batch_size)]
+        batches = batches[start:]
         if self.cache is not None:
             return self._cached(order, plans, flips, batches)
         if self.device.type == "cuda" or self._producer:

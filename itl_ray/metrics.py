@@ -38,6 +38,9 @@ GroundTruthObject = tuple[Box, bool]
 # label set, VOC 2007 detection mAP, VOC 2012 action mAP, SUN397 scene accuracy (the study's four
 # numbers; names in DESIGN.md's MLflow contract).
 FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc")
+# Induction accuracy (transfer/induction.py), in percent, where a trial runs it: nearest-neighbour
+# top-1 and top-5 of the 1000 fine classes on fc7 features.
+INDUCTION_METRICS = ("induction_top1", "induction_top5")
 
 # The eleven recall levels of the VOC 2007 metric, as exact fractions (see the module docstring).
 ELEVEN_RECALL_LEVELS = tuple(level / 10 for level in range(11))

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -89,8 +90,10 @@ def _voc_items(images_by_split: dict[str, list]) -> list[Item]:
     return items
 
 
-def plan_items(kind: str, location: str) -> list[Item]:
-    """Validate the dataset at ``location`` and list its images (the kind's reader does the checks)."""
+def plan_items(kind: str, location: str, warnings: list[str] | None = None) -> list[Item]:
+    """Validate the dataset at ``location`` and list its images (the kind's reader does the checks).
+    Lines about data that is usable but unlike the release (SUN397 partitions of other sizes) are
+    appended to ``warnings``."""
     if kind == "imagenet":
         from itl_ray.datasets.imagenet import read_imagenet
 
@@ -109,18 +112,24 @@ def plan_items(kind: str, location: str) -> list[Item]:
         read = voc.read_voc2007_detection if kind == "voc2007" else voc.read_voc2012_actions
         return _voc_items({split: read(root, split) for split in present})
     if kind == "sun397":
-        from itl_ray.datasets.sun397 import PARTITIONS, read_sun397
+        from itl_ray.datasets.sun397 import PARTITIONS, read_sun397, size_problem, size_warning
 
         root = Root(location, "SUN397")
         numbers = [n for n in PARTITIONS if n == 1 or root.is_file(root.path(f"Partitions/Training_{n:02d}.txt"))]
         splits: dict[str, list[str]] = {}
         labels = {}
+        problems: dict[str, list[int]] = {}  # partitions whose sizes are not the release's, one line each
         for number in numbers:
-            data = read_sun397(root, number)
+            data = read_sun397(root, number, warn=None)
+            problem = size_problem((image.label for image in data.train), (image.label for image in data.test))
+            if problem:
+                problems.setdefault(problem, []).append(number)
             for kind_name, images in (("Training", data.train), ("Testing", data.test)):
                 for image in images:
                     splits.setdefault(image.path, []).append(f"{kind_name}_{number:02d}")
                     labels[image.path] = image.label
+        if warnings is not None:
+            warnings += [size_warning(partitions, problem) for problem, partitions in problems.items()]
         return [Item(path, ",".join(splits[path]), labels[path]) for path in sorted(splits)]
     raise UserError(f"unknown dataset kind {kind!r}; use one of: {', '.join(KINDS)}")
 
@@ -211,7 +220,8 @@ def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSett
     settings = settings or PrepareSettings(short_side=DEFAULT_SHORT_SIDE[kind])
     settings.validate()
     out = Path(out_dir).expanduser().resolve()
-    items = plan_items(kind, location)
+    warnings: list[str] = []
+    items = plan_items(kind, location, warnings)
     if not items:
         raise UserError(f"{location} holds no images to prepare")
     source = location if "://" in location else str(Path(location).expanduser().resolve())
@@ -219,6 +229,8 @@ def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSett
                 "items": len(items), "plan_hash": _plan_hash(items)}
     if _claim_folder(out, identity):
         return json.loads((out / INFO).read_text())
+    for line in warnings:  # the data is usable: said once it is being prepared
+        print(line, file=sys.stderr, flush=True)
 
     started = time.time()
     chunks = [items[start : start + settings.shard_size] for start in range(0, len(items), settings.shard_size)]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
 from itl_ray.errors import UserError
-from itl_ray.metrics import FINAL_METRICS
+from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
 
 # Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
 # with a fast input pipeline (25k img/s on one H100), and GPU-hours of the three transfer
@@ -36,7 +36,8 @@ SECONDS_PER_IMAGE_EPOCH = 1 / 25000
 TRANSFER_GPU_HOURS = 1.5
 
 REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
-CHECKPOINTED = ("epoch", "stage", "final")  # reports that carry the trial's folder as a checkpoint
+CHECKPOINTED = ("checkpoint", "stage", "final")  # reports that carry the trial's folder as a checkpoint
+STEPPED = ("curve", "checkpoint")  # reports whose metrics have a step (an iteration or an epoch)
 # `ray up` writes the cluster's config here on the head node; its node types say how many GPUs
 # a node can have, also before the autoscaler has started one.
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -58,10 +59,18 @@ def sweep_id(spec: SweepSpec) -> str:
 
 
 def estimated_images(config: TrialConfig, classes_in_data: int = 1000) -> int:
-    """Pretraining images the trial processes, all epochs: classes x images per class x epochs
-    (``classes_in_data`` where num_classes is null). The cost model's unit and the sort key."""
-    classes = config.pretrain.num_classes or classes_in_data
-    return classes * config.pretrain.images_per_class * config.pretrain.epochs
+    """Pretraining images the trial processes: its schedule's iterations (``pretrain.plan_schedule``
+    for classes x images per class, ``classes_in_data`` where num_classes is null, out of
+    ILSVRC-2012's training set scaled to ``classes_in_data`` classes) x batch size. The cost
+    model's unit and the sort key."""
+    from itl_ray.pretrain import ILSVRC2012_TRAIN_IMAGES, plan_schedule
+
+    pre = config.pretrain
+    images = (pre.num_classes or classes_in_data) * pre.images_per_class
+    if not images:
+        return 0
+    full = max(images, round(ILSVRC2012_TRAIN_IMAGES * classes_in_data / 1000))
+    return plan_schedule(pre, images, full).iterations * pre.batch_size
 
 
 def ordered_trials(spec: SweepSpec) -> list[TrialConfig]:
@@ -217,8 +226,8 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             kind = result.get("itl_kind")
-            if kind in ("params", *CHECKPOINTED):
-                step = int(result["itl_step"]) if kind == "epoch" else None
+            if kind in ("params", "curve", *CHECKPOINTED):
+                step = int(result["itl_step"]) if kind in STEPPED else None
                 tracker.record(self.run_of(trial.config["trial"]), kind, result.get("itl_payload") or {}, step)
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -234,9 +243,11 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
 
 def results_table(rows: list[dict]) -> str:
-    """A text table: one row per trial, the four headline metrics in percent."""
-    header = ["trial", *FINAL_METRICS]
-    body = [[row["name"], *(f"{row[m]:.1f}" if isinstance(row.get(m), float) else "-" for m in FINAL_METRICS)]
+    """A text table: one row per trial, the four headline metrics in percent, and the induction
+    metrics' columns when a trial has them ("-" where missing)."""
+    columns = [*FINAL_METRICS, *(m for m in INDUCTION_METRICS if any(m in row for row in rows))]
+    header = ["trial", *columns]
+    body = [[row["name"], *(f"{row[m]:.1f}" if isinstance(row.get(m), float) else "-" for m in columns)]
             for row in rows]
     widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *body]]

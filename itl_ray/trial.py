@@ -1,8 +1,10 @@
-"""One trial: choose the subset and labels, pretrain AlexNet, run the three transfer evaluations.
+"""One trial: choose the subset and labels, pretrain AlexNet, run the three transfer evaluations
+(and induction accuracy where enabled).
 
 A trial is a pure function of its config. Its working folder keeps each stage's result (written
 atomically), so a rerun of the same config skips finished stages: pretraining resumes from its
-last epoch checkpoint, and a finished transfer evaluation is not run again.
+last checkpoint, and a finished transfer evaluation is not run again. Stages that return per-image
+scores (``transfer.StageOutput``) have them written to ``per_image/<stem>.parquet``.
 
 This module imports neither Ray nor MLflow: ``report`` is how results leave it (Ray Tune in a
 sweep, MLflow or the terminal for ``itl-ray trial``).
@@ -23,22 +25,27 @@ import torch
 
 from itl_ray import label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.sun397 import scene_data
+from itl_ray.datasets.sun397 import check_partitions, scene_data
 from itl_ray.datasets.voc import voc_images
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_json
 from itl_ray.image_rows import ImageRows
-from itl_ray.metrics import FINAL_METRICS
+from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
 from itl_ray.models import AlexNet
-from itl_ray.pretrain import pretrain, top1
+from itl_ray.pretrain import load_state, plan_schedule, pretrain, top1
 from itl_ray.shards import Prepared
+from itl_ray.transfer import StageOutput
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
+from itl_ray.transfer.induction import evaluate_induction, induction_data
 from itl_ray.transfer.scene import evaluate_scene
 
-# report(kind, payload, step): kind "params" (dict of params), "epoch" (per-epoch metrics,
-# step = epoch), "stage" (a finished transfer stage's metrics) or "final" (all final metrics).
+# report(kind, payload, step): kind "params" (dict of params), "curve" (training curves such as
+# pretrain/loss, step = the stage's iteration or epoch), "checkpoint" (pretraining wrote a
+# checkpoint after iteration ``step``: the trial's folder is worth saving), "stage" (a finished
+# stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
+PER_IMAGE = "per_image"  # the working folder's sub-folder of per-image scores
 
 
 def pick_device(name: str) -> torch.device:
@@ -87,6 +94,7 @@ class Inputs:
     """Everything a trial reads from disk, validated: the prepared datasets, the subset, the labels."""
 
     imagenet: Prepared
+    full_train_images: int  # training images of the whole prepared set: the schedule's reference
     train_rows: np.ndarray  # manifest rows of the subset's images, class by class
     val_rows: np.ndarray  # manifest rows of the validation images of the subset's classes
     subset: subsets.Subset
@@ -101,8 +109,9 @@ _open = functools.lru_cache(maxsize=16)(Prepared)
 
 
 def read_inputs(config: TrialConfig) -> Inputs:
-    """Open every prepared dataset and choose the subset and the label set, so that a wrong path or
-    an impossible setting fails before any training (the sweep calls this for every trial first)."""
+    """Open every prepared dataset, check it holds what the trial asks for (the SUN397 partitions)
+    and choose the subset and the label set, so that a wrong path or an impossible setting fails
+    before any training (the sweep calls this for every trial first)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -117,16 +126,31 @@ def read_inputs(config: TrialConfig) -> Inputs:
                             allowed=set(full_mapping))
     chosen = set(subset.classes)
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
+    sun397 = _open(config.data.sun397, "sun397", "data.sun397")
+    check_partitions(sun397, config.transfer.scene.partitions)
     return Inputs(
         imagenet=imagenet,
+        full_train_images=len(train_rows),
         train_rows=train_rows[list(subset.indices)],
         val_rows=val_rows,
         subset=subset,
         mapping={wnid: full_mapping[wnid] for wnid in subset.classes},
         voc2007=_open(config.data.voc2007, "voc2007", "data.voc2007"),
         voc2012=_open(config.data.voc2012, "voc2012-action", "data.voc2012"),
-        sun397=_open(config.data.sun397, "sun397", "data.sun397"),
+        sun397=sun397,
     )
+
+
+def save_per_image(workdir: Path, tables: dict) -> None:
+    """Each per-image table (pyarrow, keyed by file stem) to ``<workdir>/per_image/<stem>.parquet``,
+    written atomically."""
+    import pyarrow.parquet as pq
+
+    for stem, table in tables.items():
+        path = workdir / PER_IMAGE / f"{stem}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as temporary:
+            pq.write_table(table, temporary)
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
@@ -160,14 +184,22 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         "shortfall_images": sum(subset.shortfall.values()),
         "device": device.type,
     }
+    if pre.images_per_class:
+        schedule = plan_schedule(pre, len(inputs.train_rows), inputs.full_train_images)
+        params.update(pretrain_iterations=schedule.iterations, pretrain_epochs=round(schedule.epochs, 2),
+                      pretrain_lr_step=schedule.lr_step)
     report("params", params, None)
 
+    def curve(metrics: dict, step: int) -> None:
+        report("curve", metrics, step)
+
     torch.manual_seed(config.seed)
-    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
+    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution,
+                    variant=config.model.variant, init=config.model.init)
     backbone_file = workdir / "backbone.pt"
     labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
-        model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
+        model.load_state_dict(load_state(backbone_file, "pretrained weights"))
         log("pretrain: done earlier, weights loaded")
     else:
         log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
@@ -181,7 +213,8 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         else:
             result = pretrain(
                 model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
-                workdir / "pretrain.pt", on_epoch=lambda epoch, metrics: report("epoch", metrics, epoch), log=log,
+                workdir / "pretrain.pt", full_images=inputs.full_train_images, curve=curve,
+                on_checkpoint=lambda iteration: report("checkpoint", {}, iteration), log=log,
             )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
@@ -189,28 +222,38 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         stages = store.load()
     model.to(device)
 
+    transfer = config.transfer
     transfers = {
         "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
-                                                voc_images(inputs.voc2007, "test"), config.transfer.detection,
+                                                voc_images(inputs.voc2007, "test"), transfer.detection,
                                                 device, config.seed, log=log),
         "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
-                                          config.transfer.action, device, config.seed, log=log),
-        "scene": lambda: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
-                                        config.transfer.scene, device, config.seed, log=log),
+                                          transfer.action, device, config.seed, log=log),
+        "scene": lambda: evaluate_scene(model, [scene_data(inputs.sun397, p) for p in transfer.scene.partitions],
+                                        transfer.scene, device, config.seed, log=log, curve=curve),
     }
+    if transfer.induction.enabled:
+        transfers["induction"] = lambda: evaluate_induction(
+            model, induction_data(inputs.imagenet, subset.classes, transfer.induction.train_per_class, config.seed,
+                                  pre.label_set, len(groups) if pre.images_per_class else 0),
+            transfer.induction, device, config.seed, log=log, curve=curve)
     for stage, evaluate in transfers.items():
         if stage in stages:
             log(f"{stage}: done earlier")
             continue
         stage_started = time.time()
-        result = evaluate()
-        result[f"{stage}_seconds"] = time.time() - stage_started
-        store.save(stage, result)
+        output = evaluate()
+        if isinstance(output, StageOutput):
+            save_per_image(workdir, output.per_image)
+            output = dict(output.metrics)
+        output[f"{stage}_seconds"] = time.time() - stage_started
+        store.save(stage, output)
         stages = store.load()
-        report("stage", result, None)  # a sweep checkpoints the folder here: a retry skips this stage
+        report("stage", output, None)  # a sweep checkpoints the folder here: a retry skips this stage
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
     final["trial_seconds"] = time.time() - started
     report("final", final, None)
-    log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    headline = [key for key in (*FINAL_METRICS, *INDUCTION_METRICS) if key in final]
+    log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in headline))
     return final

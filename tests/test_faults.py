@@ -83,7 +83,9 @@ def runs_by_name(db: Path) -> dict[str, object]:
 
 
 def assert_complete(db: Path, epochs: int) -> dict:
-    """One parent and two trial runs, all finished, the headline metrics in, every epoch once."""
+    """One parent and two trial runs, all finished, the headline metrics in, every curve point once:
+    the tiny spec's pretrained trial takes 2 iterations per epoch, a loss point each iteration and a
+    validation point at each epoch's end (its checkpoints)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
@@ -96,9 +98,9 @@ def assert_complete(db: Path, epochs: int) -> dict:
     for name in (PRETRAINED, CONTROL):
         for metric in ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"):
             assert 0.0 <= runs[name].data.metrics[metric] <= 100.0
-    for metric in ("pretrain_loss", "pretrain_val_top1"):
+    for metric, expected in (("pretrain/loss", range(1, 2 * epochs + 1)), ("pretrain/val_top1", range(2, 2 * epochs + 1, 2))):
         steps = sorted(m.step for m in client.get_metric_history(runs[PRETRAINED].info.run_id, metric))
-        assert steps == list(range(1, epochs + 1)), (metric, steps)
+        assert steps == list(expected), (metric, steps)
         assert not client.get_metric_history(runs[CONTROL].info.run_id, metric)
     for metric in ("voc07_det_map", "sun397_acc"):  # final metrics: one value each, not one per attempt
         assert len(client.get_metric_history(runs[PRETRAINED].info.run_id, metric)) == 1
@@ -138,7 +140,8 @@ def test_a_lost_worker_node_costs_only_the_epoch_in_flight(tmp_path, mini_paths,
         try:
             nodes = driver.wait_for(lambda: len(trial_lines(driver, PRETRAINED, r"on node (\w+)")) == 1 and
                                     len(trial_lines(driver, CONTROL, r"on node (\w+)")) == 1 and
-                                    trial_lines(driver, PRETRAINED, r"pretrain: epoch 3/"), "pretraining epoch 3")
+                                    trial_lines(driver, PRETRAINED, r"pretrain: iteration \d+/\d+ \(epoch 3\.0\)"),
+                                    "pretraining epoch 3")
             first = trial_lines(driver, PRETRAINED, r"on node (\w+)")[0].group(1)
             other = trial_lines(driver, CONTROL, r"on node (\w+)")[0].group(1)
             assert nodes and first != other  # one trial per GPU node
@@ -151,7 +154,7 @@ def test_a_lost_worker_node_costs_only_the_epoch_in_flight(tmp_path, mini_paths,
         output = driver.output
         restarts = trial_lines(driver, PRETRAINED, r"on node (\w+), starting from checkpoint")
         assert len(restarts) == 1 and restarts[0].group(1) == other, output[-4000:]
-        resumed = trial_lines(driver, PRETRAINED, r"pretrain: resumed after epoch (\d+)")
+        resumed = trial_lines(driver, PRETRAINED, r"pretrain: resumed after iteration (\d+)")
         assert len(resumed) == 1 and int(resumed[0].group(1)) >= 1
         print(f"node {first[:8]} removed; the trial resumed on node {other[:8]} after epoch {resumed[0].group(1)}")
         assert not trial_lines(driver, CONTROL, r"starting from checkpoint")  # the other trial was untouched

@@ -57,8 +57,12 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     control = [c for c in children if c.data.params["images_per_class"] == "0"]
     assert len(control) == 1 and control[0].data.params["subset_hash"] == "none"
     pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]
-    history = client.get_metric_history(pretrained.info.run_id, "pretrain_loss")
-    assert sorted(m.step for m in history) == [1, 2]
+    # Curves, step = iteration: the tiny spec's trial takes 2 epochs of 2 iterations (loss at each,
+    # validation at each epoch's end).
+    history = client.get_metric_history(pretrained.info.run_id, "pretrain/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    history = client.get_metric_history(pretrained.info.run_id, "pretrain/val_top1")
+    assert sorted(m.step for m in history) == [2, 4]
 
     # --resume continues the same parent run: finished stages are skipped, no run is duplicated.
     again = subprocess.run([sys.executable, "-m", "itl_ray.cli", "sweep", str(spec), "--resume"], cwd=tmp_path,

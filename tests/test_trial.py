@@ -32,8 +32,9 @@ def assert_final_metrics_are_the_stages_results(config, work, final, reports):
     labels = inputs.imagenet.column("label")
     val = ImageRows(inputs.imagenet, inputs.val_rows, [groups.index(inputs.mapping[labels[row]])
                                                        for row in inputs.val_rows])
-    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
-    model.load_state_dict(torch.load(work / "backbone.pt"))
+    model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution,
+                    variant=config.model.variant, init=config.model.init)
+    model.load_state_dict(torch.load(work / "backbone.pt", weights_only=True))
     assert final["pretrain_top1"] == 100 * top1(model, val, config.pretrain, torch.device("cpu"))
 
 
@@ -44,36 +45,45 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
     final = run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload, step)),
                       log=lines.append)
     assert_final_metrics_are_the_stages_results(config, tmp_path / "work", final, reports)
-    kinds = [kind for kind, _, _ in reports]
-    assert kinds == ["params", "epoch", "epoch", "stage", "stage", "stage", "final"]
-    assert "voc07_det_map" in reports[3][1] and "sun397_acc" in reports[5][1]
+    kinds = [kind for kind, _, _ in reports if kind != "curve"]
+    assert kinds == ["params", "checkpoint", "checkpoint", "stage", "stage", "stage", "final"]
+    stage_reports = [payload for kind, payload, _ in reports if kind == "stage"]
+    assert "voc07_det_map" in stage_reports[0] and "sun397_acc" in stage_reports[2]
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
-    assert [step for kind, _, step in reports if kind == "epoch"] == [1, 2]
+    # 32 images in batches of 16, 2 epochs (the tiny spec: same_epochs): 4 iterations, a checkpoint
+    # at each epoch's end (a run this short), curves with step = iteration.
+    assert (params["pretrain_iterations"], params["pretrain_epochs"]) == (4, 2.0)
+    assert [step for kind, _, step in reports if kind == "checkpoint"] == [2, 4]
+    curves = [(step, payload) for kind, payload, step in reports if kind == "curve"]
+    assert [step for step, payload in curves if "pretrain/loss" in payload] == [1, 2, 3, 4]
+    assert [step for step, payload in curves if "pretrain/val_top1" in payload] == [2, 4]
+    assert [step for step, payload in curves if "scene/loss" in payload] == [1]  # the tiny spec: one epoch
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert set(stages) == {"pretrain", "detection", "action", "scene"}
-    saved = torch.load(tmp_path / "work" / "backbone.pt")
-    assert "features.0.weight" in saved
+    saved = torch.load(tmp_path / "work" / "backbone.pt", weights_only=True)
+    assert "features.conv1.weight" in saved and "embed.fc6.weight" in saved
+    assert (tmp_path / "work" / "per_image" / "sun397_predictions.parquet").is_file()
 
     # A rerun finds every stage done: same metrics, no training.
     lines.clear()
     again = run_trial(config, tmp_path / "work", lambda *a: None, log=lines.append)
     assert {m: again[m] for m in FINAL_METRICS} == {m: final[m] for m in FINAL_METRICS}
     assert any("pretrain: done earlier" in line for line in lines)
-    assert not any("epoch" in line for line in lines)
+    assert not any("epoch" in line or "iteration" in line for line in lines)
 
 
 def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, mini_paths):
     config = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
     work = tmp_path / "work"
     first = run_trial(config, work, lambda *a: None, log=lambda line: None)
-    # Forget everything after pretraining epoch 2's checkpoint, as if killed during transfer.
+    # Forget everything after pretraining's last checkpoint, as if killed during transfer.
     (work / "stages.json").unlink()
     (work / "backbone.pt").unlink()
     lines = []
     final = run_trial(config, work, lambda *a: None, log=lines.append)
-    assert any("resumed after epoch 2" in line for line in lines)
+    assert any("resumed after iteration 4 (epoch 2.00)" in line for line in lines)
     assert {m: final[m] for m in FINAL_METRICS} == {m: first[m] for m in FINAL_METRICS}
 
 
@@ -82,7 +92,7 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert reports == ["params", "stage", "stage", "stage", "final"]
+    assert [kind for kind in reports if kind != "curve"] == ["params", "stage", "stage", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -103,9 +113,16 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     base = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
     config = override(base, {"pretrain.label_set": "up_down_9", "pretrain.num_classes": None,
                              "pretrain.images_per_class": 2, "pretrain.epochs": 1,
-                             "transfer.detection.epochs": 0, "transfer.action.epochs": 1, "transfer.scene.epochs": 1})
-    reports = []
-    run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)), log=lambda l: None)
+                             "transfer.detection.epochs": 0, "transfer.action.epochs": 1, "transfer.scene.epochs": 1,
+                             "transfer.induction.enabled": True, "transfer.induction.train_per_class": 4})
+    reports, lines = [], []
+    final = run_trial(config, tmp_path / "work", lambda kind, payload, step: reports.append((kind, payload)),
+                      log=lines.append)
+    # Induction: the 40 fine classes told apart by nearest neighbours on the 9-group network's fc7.
+    assert 0 <= final["induction_top1"] <= final["induction_top5"] <= 100
+    assert [payload for kind, payload in reports if kind == "stage"][-1].keys() >= {"induction_top1", "induction_top5"}
+    assert any(line.startswith("induction: up_down_9 network, 40 fine classes, 160 memory") for line in lines)
+    assert lines[-1].startswith("trial: pretrain_top1") and "induction_top1" in lines[-1]
     params = reports[0][1]
     groups = set(label_sets.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
     assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
