@@ -110,7 +110,7 @@ def command_trial(args) -> int:
     process, tracked in MLflow unless ``--no-track``; prints the headline metrics."""
     from itl_ray.config import load_spec, override, parse_overrides, trial_id
     from itl_ray.sweep import ordered_trials
-    from itl_ray.metrics import FINAL_METRICS
+    from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
     from itl_ray.trial import run_trial
 
     trials = ordered_trials(load_spec(args.spec))
@@ -134,7 +134,7 @@ def command_trial(args) -> int:
             raise
         tracker.finish(run_id)
         print(f"MLflow run {run_id} in {tracker.uri}")
-    print("  ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    print("  ".join(f"{key} {final[key]:.1f}" for key in (*FINAL_METRICS, *INDUCTION_METRICS) if key in final))
     return 0
 
 
