@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   set up, generate the mini-benchmark, run the smoke sweep (CPU is fine)
+#   make demo   set up, generate the mini-benchmark, run the smoke sweep (CPU is fine), write its report
 #   make test   set up, run the test suite
 # Set-up creates or refreshes the virtual environment .venv and makes WordNet 3.0 available.
 
@@ -48,6 +48,9 @@ $(SHARDS)/sun397/PREPARED.json: $(MINI)/SYNTH_INFO.json
 
 demo: setup $(SHARDS)/sun397/PREPARED.json
 	$(VENV)/bin/itl-ray sweep sweeps/smoke.yaml
+	$(VENV)/bin/itl-ray report --experiment smoke
+	@echo "report: '$(CURDIR)/itl_runs/report/smoke/report.html'"
+	@echo "compare runs: '$(CURDIR)/$(VENV)/bin/mlflow' ui --backend-store-uri 'sqlite:///$(CURDIR)/itl_runs/mlflow.db'"
 
 test: setup
 	$(PY) -m pytest -q tests

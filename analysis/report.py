@@ -1,6 +1,7 @@
-"""The study's results table and plots from MLflow (the same as `itl-ray report`).
+"""The study's report from MLflow: tables, plots, confidence intervals, one HTML page (the same as
+`itl-ray report`; see docs/report.md).
 
-    python analysis/report.py [--experiment NAME] [--out DIR]
+    python analysis/report.py [--experiment NAME] [--out DIR] [--resamples N] [--no-log]
 """
 
 import sys

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from itl_ray.errors import UserError
+from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.models import INITS, MIN_RESOLUTION, VARIANTS
 from itl_ray.pretrain import PretrainConfig
 from itl_ray.shards import prepared_paths
@@ -101,27 +102,121 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment of the study inside a sweep spec (``experiments.NAME``): its trials as a grid
+    over dotted keys and/or a list of trials, and settings every one of its trials gets."""
+
+    grid: dict[str, list] = field(default_factory=dict)  # dotted key -> values; every combination
+    trials: list[dict] = field(default_factory=list)  # each a mapping of dotted keys, after the grid
+    settings: dict[str, Any] = field(default_factory=dict)  # dotted key -> value, for all its trials
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """A trial of a sweep and the experiments it belongs to (a shared trial, such as the
+    full-ImageNet baseline, runs once and belongs to every experiment that lists it)."""
+
+    config: TrialConfig
+    experiments: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class SweepSpec:
-    """A sweep: a base trial config, a grid over dotted keys, and extra trials (e.g. the control)."""
+    """A sweep: a base trial config and its trials, once per seed.
+
+    Two forms. One experiment: ``grid`` (dotted keys and values, every combination) and
+    ``extra_trials`` (e.g. the control), tagged with the experiment ``experiment`` (default: the
+    sweep's ``name``); with neither, the base config is the one trial. Several: ``experiments`` maps each name to its own grid, trials and
+    settings; top-level ``extra_trials`` then belong to every experiment (the random-init control).
+    A trial that several experiments list with the same config runs once and counts for each.
+    ``seeds`` repeats every trial once per seed (the trial's ``seed`` setting); empty: the base
+    config's ``seed`` only.
+    """
 
     trial: TrialConfig
     grid: dict[str, list] = field(default_factory=dict)
     extra_trials: list[dict] = field(default_factory=list)
+    experiment: str = ""  # the one experiment's name without `experiments` (default: `name`)
+    experiments: dict[str, ExperimentSpec] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)  # every trial once per seed
     resources: Resources = field(default_factory=Resources)
     max_concurrent_trials: int = 0  # 0: as many as the resources allow
     max_failures: int = 1  # retries of a failed trial
     storage: str = "itl_runs/ray"  # Ray Tune's results and checkpoints
 
-    def trials(self) -> list[TrialConfig]:
-        """The grid's trials (in grid order), then the extra trials."""
-        keys = list(self.grid)
+    def validate(self, path: str) -> None:
+        if self.experiments and self.grid:
+            raise UserError("grid: a spec with experiments keeps each grid under its experiment "
+                            "(experiments.NAME.grid)")
+        if self.experiments and self.experiment:
+            raise UserError("experiment: a spec with experiments names them under experiments")
+        for name, experiment in self.experiments.items():
+            if not EXPERIMENT_NAME.fullmatch(name):
+                raise UserError(f"experiments.{name}: an experiment name uses a-z, 0-9 and _ only")
+            if not experiment.grid and not experiment.trials:
+                raise UserError(f"experiments.{name}: no trials; give it a grid or trials")
+            for dotted, values in experiment.grid.items():
+                if not values:
+                    raise UserError(f"experiments.{name}.grid.{dotted}: the list of values is empty")
+        if self.experiment and not EXPERIMENT_NAME.fullmatch(self.experiment):
+            raise UserError(f"experiment: {self.experiment!r} uses characters other than a-z, 0-9 and _")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds: {self.seeds} lists a seed twice")
+
+    def experiment_names(self) -> list[str]:
+        return list(self.experiments) or [self.experiment or as_experiment_name(self.trial.name)]
+
+    def planned(self) -> list[PlannedTrial]:
+        """Every trial once (grid order, then listed trials, then shared extra trials; each once
+        per seed), tagged with the experiments that list it. Raises UserError naming the bad point."""
         base = to_dict(self.trial)
-        trials = []
-        for values in itertools.product(*(self.grid[key] for key in keys)):
-            trials.append(_apply(base, dict(zip(keys, values)), "grid"))
-        for index, extra in enumerate(self.extra_trials):
-            trials.append(_apply(base, extra, f"extra_trials[{index}]"))
-        return trials
+        seeds = [{"seed": seed} for seed in self.seeds] or [{}]
+        if self.experiments:
+            groups = {name: (e.grid, e.trials, e.settings, f"experiments.{name}.") for name, e in self.experiments.items()}
+            shared = self.extra_trials
+        else:
+            groups = {self.experiment_names()[0]: (self.grid, self.extra_trials, {}, "")}
+            shared = []
+        found: dict[str, tuple[TrialConfig, list[str]]] = {}
+
+        def add(overrides: dict, where: str, names: list[str]) -> None:
+            if self.seeds and "seed" in overrides:
+                raise UserError(f"{where}: sets seed, which `seeds: {self.seeds}` already varies; remove one")
+            for seed in seeds:
+                config = _apply(base, {**overrides, **seed}, where)
+                tid = trial_id(config)
+                if tid not in found:
+                    found[tid] = (config, [])
+                found[tid][1].extend(name for name in names if name not in found[tid][1])
+
+        for name, (grid, listed, settings, prefix) in groups.items():
+            keys = list(grid)
+            # No grid: only the listed trials; a spec with neither runs its base config alone.
+            points = itertools.product(*(grid[key] for key in keys)) if grid or not (prefix or listed) else []
+            for values in points:
+                add({**settings, **dict(zip(keys, values))}, f"{prefix}grid", [name])
+            for index, extra in enumerate(listed):
+                where = f"{prefix}trials[{index}]" if prefix else f"extra_trials[{index}]"
+                add({**settings, **extra}, where, [name])
+        for index, extra in enumerate(shared):
+            add(extra, f"extra_trials[{index}]", list(groups))
+        return [PlannedTrial(config, tuple(names)) for config, names in found.values()]
+
+    def trials(self) -> list[TrialConfig]:
+        """The sweep's distinct trials, in the order of ``planned``."""
+        return [planned.config for planned in self.planned()]
+
+    def varying_keys(self) -> list[str]:
+        """The dotted keys the sweep's trials differ in (for readable trial names), seed last."""
+        keys: list[str] = []
+        sources = [self.grid, *self.extra_trials]
+        for experiment in self.experiments.values():
+            sources += [experiment.grid, *experiment.trials, experiment.settings]
+        for source in sources:
+            keys += [key for key in source if key not in keys]
+        if self.seeds and "seed" not in keys:
+            keys.append("seed")
+        return keys
 
 
 SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - {"trial"}

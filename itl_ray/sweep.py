@@ -19,21 +19,20 @@ sweep every trial's log is recorded again; ``Tracker`` skips a metric step it al
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
-from itl_ray.config import SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
+import pandas as pd
+
+from itl_ray import tables
+from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
+from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
 from itl_ray.errors import UserError
 from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
-
-# Rough cost model for --dry-run: GPU-seconds per pretraining image of the full AlexNet at 227 px
-# with a fast input pipeline (25k img/s on one H100), and GPU-hours of the three transfer
-# fine-tunings of one trial (orders of magnitude, not promises).
-SECONDS_PER_IMAGE_EPOCH = 1 / 25000
-TRANSFER_GPU_HOURS = 1.5
 
 REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
 CHECKPOINTED = ("checkpoint", "stage", "final")  # reports that carry the trial's folder as a checkpoint
@@ -44,11 +43,8 @@ BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
 def varying_keys(spec: SweepSpec) -> list[str]:
-    """The dotted keys that differ between the sweep's trials: the grid's, then the extra trials'."""
-    keys = list(spec.grid)
-    for extra in spec.extra_trials:
-        keys += [key for key in extra if key not in keys]
-    return keys
+    """The dotted keys that differ between the sweep's trials (see ``SweepSpec.varying_keys``)."""
+    return spec.varying_keys()
 
 
 def sweep_id(spec: SweepSpec) -> str:
@@ -58,38 +54,71 @@ def sweep_id(spec: SweepSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def estimated_images(config: TrialConfig, classes_in_data: int = 1000) -> int:
-    """Pretraining images the trial processes: its schedule's iterations (``pretrain.plan_schedule``
-    for classes x images per class, ``classes_in_data`` where num_classes is null, out of
-    ILSVRC-2012's training set scaled to ``classes_in_data`` classes) x batch size. The cost
-    model's unit and the sort key."""
-    from itl_ray.pretrain import ILSVRC2012_TRAIN_IMAGES, plan_schedule
+def point_name(config: TrialConfig, keys: list[str]) -> str:
+    """The trial's name without its seed: the point of the study it measures (seeds repeat it)."""
+    return trial_name(config, [key for key in keys if key != "seed"])
 
-    pre = config.pretrain
-    images = (pre.num_classes or classes_in_data) * pre.images_per_class
-    if not images:
-        return 0
-    full = max(images, round(ILSVRC2012_TRAIN_IMAGES * classes_in_data / 1000))
-    return plan_schedule(pre, images, full).iterations * pre.batch_size
+
+def ordered_plan(spec: SweepSpec, speed: Throughput | None = None) -> list[tuple[PlannedTrial, TrialCost]]:
+    """The sweep's trials with their estimated cost, longest first (so the slowest does not start
+    last; ties keep the spec's order)."""
+    speed = speed or throughput()
+    costed = [(planned, trial_cost(planned.config, speed)) for planned in spec.planned()]
+    return sorted(costed, key=lambda item: -item[1].gpu_hours)
 
 
 def ordered_trials(spec: SweepSpec) -> list[TrialConfig]:
-    """Longest trials first, so the slowest one does not start last."""
-    return sorted(spec.trials(), key=estimated_images, reverse=True)
+    """The trials, longest first: the order the sweep starts them and ``itl-ray trial --index`` counts."""
+    return [planned.config for planned, _ in ordered_plan(spec)]
 
 
-def dry_run(spec: SweepSpec) -> str:
+def dry_run(spec: SweepSpec, img_per_s: float | None = None) -> str:
+    """The trials grouped by experiment, each with its pretraining images, iterations and GPU-hours,
+    and the total (a trial shared by several experiments is listed in each, counted once)."""
+    speed = throughput(img_per_s)
+    plan = ordered_plan(spec, speed)
     keys = varying_keys(spec)
-    lines = [f"{len(spec.trials())} trials in sweep {spec.trial.name!r}:"]
-    total = 0.0
-    for index, config in enumerate(ordered_trials(spec)):
-        hours = estimated_images(config) * SECONDS_PER_IMAGE_EPOCH / 3600 + TRANSFER_GPU_HOURS
-        total += hours
-        lines.append(f"  [{index}] {trial_id(config)}  {trial_name(config, keys)}  ~{hours:.1f} GPU-h")
-    lines.append(f"estimate: ~{total:.1f} GPU-hours at full-size AlexNet speed ({1 / SECONDS_PER_IMAGE_EPOCH:,.0f} "
-                 f"img/s) plus ~{TRANSFER_GPU_HOURS} GPU-h of transfer fine-tuning per trial "
-                 "(1000 classes where num_classes is null)")
+    names = spec.experiment_names()
+    shared = sum(len(planned.experiments) > 1 for planned, _ in plan)
+    lines = [f"sweep {spec.trial.name!r}: {len(plan)} trials in {len(names)} experiment"
+             f"{'s' if len(names) > 1 else ''}" + (f", {shared} shared by several" if shared else "")
+             + (f"; seeds {spec.seeds}" if spec.seeds else "")]
+    for name in names:
+        rows = []
+        for index, (planned, cost) in enumerate(plan):
+            if name not in planned.experiments:
+                continue
+            others = [other for other in planned.experiments if other != name]
+            rows.append({"index": index, "trial_id": trial_id(planned.config),
+                         "trial": trial_name(planned.config, keys), "pretrain images": f"{cost.pretrain_images:,}",
+                         "iterations": f"{cost.iterations:,}", "GPU time": gpu_time(cost.gpu_hours),
+                         "also in": ", ".join(others) or "-"})
+        hours = sum(cost.gpu_hours for planned, cost in plan if name in planned.experiments)
+        lines += ["", f"experiment {name}: {len(rows)} trials, ~{gpu_time(hours)} on one GPU",
+                  tables.to_text(pd.DataFrame(rows))]
+    pretrain = sum(cost.pretrain_gpu_hours for _, cost in plan)
+    transfer = sum(cost.transfer_gpu_hours for _, cost in plan)
+    lines += ["", f"total: {len(plan)} trials, ~{pretrain + transfer:.3g} GPU-hours ("
+                  f"pretraining {gpu_time(pretrain)}, transfer fine-tuning {gpu_time(transfer)}), each trial on one GPU",
+              f"throughput: {speed.source}; scaled to each trial's network by FLOPs (see itl_ray/cost.py)"]
+    if any(image_flops(p.config.model.width, p.config.model.resolution) < 0.1 * image_flops(speed.width, speed.resolution)
+           for p, _ in plan):
+        lines.append("small networks: a GPU does not reach FLOP-scaled speed on them (kernel launches, input "
+                     "pipeline), so their times are lower bounds")
+    if any(cost.nominal for _, cost in plan):
+        lines.append(f"pretraining images: ILSVRC-2012's nominal counts (data.imagenet={spec.trial.data.imagenet} "
+                     "is not a prepared dataset here)")
+    lines.append("nothing was started (--dry-run); `itl-ray trial SPEC --index N` runs trial N alone")
     return "\n".join(lines)
+
+
+def gpu_time(hours: float) -> str:
+    """A duration with its unit and two significant digits (an estimate is not more precise)."""
+    if hours >= 1:
+        return f"{hours:,.2g} h" if hours < 10 else f"{hours:,.0f} h"
+    if hours * 60 >= 1:
+        return f"{hours * 60:.2g} min"
+    return f"{hours * 3600:.2g} s"
 
 
 def storage_root(storage: str) -> str:
@@ -218,7 +247,8 @@ def _mlflow_callback(tracker, parent_run_id: str):
         def run_of(self, trial_config: dict) -> str:
             tid, name = trial_config["trial_id"], trial_config["name"]
             if tid not in self.runs:
-                self.runs[tid] = tracker.trial_run(tid, name, parent_run_id)
+                self.runs[tid] = tracker.trial_run(tid, name, parent_run_id, tags=trial_tags(trial_config))
+                tracker.log_params(self.runs[tid], {"experiment": ",".join(trial_config.get("experiments", []))})
             return self.runs[tid]
 
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -242,17 +272,29 @@ def _mlflow_callback(tracker, parent_run_id: str):
     return MlflowTrials()
 
 
+def trial_labels(planned: PlannedTrial, keys: list[str]) -> dict:
+    """What the report groups a trial by: its experiments and its point (the config without the
+    seed: its name and an id)."""
+    return {"experiments": list(planned.experiments), "point": point_name(planned.config, keys),
+            "point_id": trial_id(dataclasses.replace(planned.config, seed=0))}
+
+
+def trial_tags(trial: dict) -> dict[str, str]:
+    """The MLflow tags of a trial's run that name its experiments and point."""
+    from itl_ray.tracking import EXPERIMENTS, POINT, POINT_ID
+
+    if "experiments" not in trial:
+        return {}
+    return {EXPERIMENTS: ",".join(trial["experiments"]), POINT: trial["point"], POINT_ID: trial["point_id"]}
+
+
 def results_table(rows: list[dict]) -> str:
     """A text table: one row per trial, the four headline metrics in percent, and the induction
-    metrics' columns when a trial has them ("-" where missing)."""
-    columns = [*FINAL_METRICS, *(m for m in INDUCTION_METRICS if any(m in row for row in rows))]
-    header = ["trial", *columns]
-    body = [[row["name"], *(f"{row[m]:.1f}" if isinstance(row.get(m), float) else "-" for m in columns)]
-            for row in rows]
-    widths = [max(len(str(line[i])) for line in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *body]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    metrics when a trial has them (missing: ``missing``)."""
+    columns = [*FINAL_METRICS, *(metric for metric in INDUCTION_METRICS if any(metric in row for row in rows))]
+    frame = pd.DataFrame([{"trial": row["name"], **{metric: row.get(metric) for metric in columns}}
+                          for row in rows], columns=["trial", *columns])
+    return tables.to_text(frame)
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
@@ -272,14 +314,18 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     sid = sweep_id(spec)
     parent = tracker.sweep_run(sid, spec.trial.name, resume)
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),
+                                "experiments": ",".join(spec.experiment_names()), "seeds": spec.seeds,
                                 **{f"grid.{key}": values for key, values in spec.grid.items()}})
     checkpoints = tracker.trial_checkpoints(parent) if resume else {}
     keys = varying_keys(spec)
     trials = [
-        {"config": to_dict(config), "trial_id": trial_id(config), "name": trial_name(config, keys),
-         "cpus": spec.resources.cpus_per_trial, "resume_from": checkpoints.get(trial_id(config))}
-        for config in ordered_trials(spec)
+        {"config": to_dict(planned.config), "trial_id": trial_id(planned.config),
+         "name": trial_name(planned.config, keys), "cpus": spec.resources.cpus_per_trial,
+         "resume_from": checkpoints.get(trial_id(planned.config)), **trial_labels(planned, keys)}
+        for planned, _ in ordered_plan(spec)
     ]
+    tracker.log_plan(parent, [{key: trial[key] for key in ("trial_id", "name", "experiments", "point", "point_id")}
+                              | {"seed": trial["config"]["seed"]} for trial in trials])
     resumed = sum(trial["resume_from"] is not None for trial in trials)
     log(f"sweep {spec.trial.name!r}: {len(trials)} trials ({resumed} from checkpoints); MLflow {tracker.uri}, "
         f"parent run {parent}")

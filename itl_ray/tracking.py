@@ -16,6 +16,10 @@ run"), from one process, the sweep driver. Reading goes through ``Reader``, whic
 opens no store that does not exist and creates no experiment or run, so ``itl-ray report`` on a
 wrong name or folder changes nothing. The tag names and role values below are the one home of
 these conventions; other modules import them.
+
+The sweep also tags each trial's run with the experiments of the study it belongs to
+(``itl.experiments``, and the param ``experiment``) and its point (``itl.point``, ``itl.point_id``:
+the trial without its seed), and keeps its plan on the parent run (``sweep_plan.json``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import re
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +43,11 @@ TRIAL_ID = "itl.trial_id"  # tag: config.trial_id of the trial's config (12 hex 
 SWEEP_ID = "itl.sweep_id"  # tag on a sweep run: sweep.sweep_id of its trial list
 PARENT = "mlflow.parentRunId"  # MLflow's own tag: a trial run's sweep run
 CHECKPOINT = "itl.checkpoint"  # tag on a trial run: its latest checkpoint (path or URI)
+EXPERIMENTS = "itl.experiments"  # a trial's experiments of the study, comma-separated (also param `experiment`)
+POINT = "itl.point"  # the trial's point: its name without the seed (seeds repeat a point)
+POINT_ID = "itl.point_id"  # an id of the trial's config without its seed
+PLAN = "sweep_plan.json"  # artifact of the parent run: every trial the sweep plans, with its experiments
+REPORT_FOLDER = "report"  # artifact folder of the parent run that `itl-ray report` fills
 
 
 def tracking_uri(create: bool = True) -> str:
@@ -51,6 +61,16 @@ def tracking_uri(create: bool = True) -> str:
     if create:
         store.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store}"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a sqlite store, in ``artifacts/<name>``
+    (MLflow's own default is ``./mlruns`` in whatever folder the first run started); a server
+    decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = Path(uri[len("sqlite:///"):]).parent
+    return (folder / "artifacts" / re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment)).resolve().as_uri()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -79,7 +99,8 @@ class Tracker:
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, artifact_location=artifact_location(self.uri, experiment))
         self._logged: dict[str, set[tuple[str, int]]] = {}  # run id -> (metric, step) pairs it holds
 
     def _find(self, filter_string: str):
@@ -98,8 +119,8 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={ROLE: ROLE_SWEEP, SWEEP_ID: sweep_id})
         return run.info.run_id
 
-    def trial_run(self, trial_id: str, name: str, parent_run_id: str | None) -> str:
-        """The one run of this trial (under ``parent_run_id``): found again, or created."""
+    def trial_run(self, trial_id: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None) -> str:
+        """The one run of this trial (under ``parent_run_id``): found again, or created (with ``tags``)."""
         condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'"
         if parent_run_id:
             condition += f" and tags.`{PARENT}` = '{parent_run_id}'"
@@ -108,7 +129,7 @@ class Tracker:
             if found.info.status != "RUNNING":
                 self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
-        tags = {ROLE: ROLE_TRIAL, TRIAL_ID: trial_id}
+        tags = {**(tags or {}), ROLE: ROLE_TRIAL, TRIAL_ID: trial_id}
         if parent_run_id:
             tags[PARENT] = parent_run_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
@@ -154,12 +175,17 @@ class Tracker:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
     def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
-        """One report of ``trial.run_trial``: "params", "epoch" metrics (step = epoch), a finished
-        "stage"'s metrics or "final"."""
+        """One report of ``trial.run_trial``: "params", "curve" metrics (step = iteration or epoch),
+        a pretraining "checkpoint" (step = iteration), a finished "stage"'s metrics or "final"."""
         if kind == "params":
             self.log_params(run_id, payload)
         else:
             self.log_metrics(run_id, payload, step)
+
+    def log_plan(self, run_id: str, plan: list[dict]) -> None:
+        """The sweep's planned trials (id, name, experiments, point, seed) as the parent run's
+        ``sweep_plan.json``: the report tells missing trials from trials never planned."""
+        self.client.log_dict(run_id, plan, PLAN)
 
     def set_checkpoint(self, run_id: str, uri: str) -> None:
         """Name the trial's latest checkpoint (a folder path or URI) on its run (tag ``itl.checkpoint``),
@@ -181,58 +207,115 @@ class Tracker:
             [self.experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_run_id}'", max_results=10000)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading (the report): never creates an experiment, a run or a store
+# ---------------------------------------------------------------------------------------------
+
+def _check_openable(uri: str) -> None:
+    """Fail fast, naming ``uri``: a sqlite file that is not there (opening would create it), a
+    server that does not answer (MLflow itself would retry for minutes)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_file():
+            hint = ("run the report where the sweep ran, or set MLFLOW_TRACKING_URI"
+                    if not os.environ.get("MLFLOW_TRACKING_URI") else "check MLFLOW_TRACKING_URI")
+            raise UserError(f"MLflow store {uri} does not exist ({path} is not a file); {hint}")
+    elif uri.startswith(("http://", "https://")):
+        # One health check, then no retries: a server that went away fails in seconds.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        check_reachable(uri)
+
+
+def _local_path(uri: str) -> Path | None:
+    """The folder a ``file:`` URI or a plain path names; None for remote artifact stores."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and uri[1:3] == ":\\"):  # a path (or a Windows drive)
+        return Path(uri)
+    return None
+
+
 class Reader:
-    """Read-only access to the runs of a tracking store (the report's and analysis' side).
+    """Read-only access to the runs of a tracking store: the report's and analysis' side (and
+    logging the report's files on the parent run).
 
     ``uri`` defaults to ``tracking_uri(create=False)``. Opening refuses, with a UserError naming
-    it, a sqlite store whose file does not exist (MLflow would create an empty one) and a server
-    that does not answer. Nothing here creates a store, an experiment or a run.
+    it, a sqlite store whose file does not exist (MLflow would create an empty one), a server that
+    does not answer (no minutes of retries) and a file that is not an MLflow store. Nothing here
+    creates a store, an experiment or a run; asking for an experiment that is not there lists those
+    that hold sweeps.
     """
 
     def __init__(self, uri: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri or tracking_uri(create=False)
-        if self.uri.startswith("sqlite:///"):
-            store = Path(self.uri[len("sqlite:///"):])
-            if not store.is_file():
-                if uri or os.environ.get("MLFLOW_TRACKING_URI"):
-                    raise UserError(f"no MLflow store at {self.uri} ({store} does not exist); check the URI "
-                                    "(MLFLOW_TRACKING_URI)")
-                raise UserError(f"no MLflow store here ({store} does not exist): run the report where the sweep "
-                                "ran, or set MLFLOW_TRACKING_URI")
-        check_reachable(self.uri)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        _check_openable(self.uri)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per download otherwise
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self._experiments = {e.name: e for e in self.client.search_experiments()}
+        except Exception as error:  # a file that is not an MLflow database, a refused connection
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise UserError(f"cannot open MLflow store {self.uri}: {first}") from None
 
     def experiment_names(self) -> list[str]:
-        """Names of the store's active experiments, sorted."""
-        return sorted(experiment.name for experiment in self.client.search_experiments())
+        """Experiments holding at least one sweep, most recent sweep first."""
+        sweeps = self._sweeps([e.experiment_id for e in self._experiments.values()], max_results=10000)
+        by_id = {e.experiment_id: name for name, e in self._experiments.items()}
+        names: list[str] = []
+        for run in sweeps:
+            name = by_id.get(run.info.experiment_id)
+            if name and name not in names:
+                names.append(name)
+        return names
 
-    def experiment_id(self, name: str) -> str:
-        """The id of experiment ``name``; a UserError that lists the existing ones when it has none."""
-        found = self.client.get_experiment_by_name(name)
-        if found is None or found.lifecycle_stage != "active":
-            known = ", ".join(self.experiment_names()) or "none"
-            raise UserError(f"no experiment {name!r} in {self.uri}; experiments there: {known}")
-        return found.experiment_id
+    def _sweeps(self, experiment_ids: list[str], max_results: int = 1):
+        if not experiment_ids:
+            return []
+        return self.client.search_runs(experiment_ids, filter_string=f"tags.`{ROLE}` = '{ROLE_SWEEP}'",
+                                       order_by=["attributes.start_time DESC"], max_results=max_results)
+
+    def _refresh(self, name: str) -> None:
+        """Read the experiments again when ``name`` is not among those read (a newer one)."""
+        if name not in self._experiments:
+            self._experiments = {e.name: e for e in self.client.search_experiments()}
 
     def latest_sweep(self, experiment: str | None = None):
-        """The most recently started sweep run (``mlflow.entities.Run``) of ``experiment``, or of
-        any experiment when None; a UserError when there is none."""
-        if experiment is None:
-            ids = [found.experiment_id for found in self.client.search_experiments()]
-        else:
-            ids = [self.experiment_id(experiment)]
-        runs = self.client.search_runs(ids, filter_string=f"tags.`{ROLE}` = '{ROLE_SWEEP}'",
-                                       order_by=["attributes.start_time DESC"], max_results=1) if ids else []
-        if not runs:
-            where = f"experiment {experiment!r}" if experiment else self.uri
-            raise UserError(f"{where} holds no sweep run; run `itl-ray sweep SPEC` first")
-        return runs[0]
+        """The most recent sweep run of ``experiment`` (default: of any experiment). Raises
+        UserError listing the experiments that have sweeps."""
+        ids = [self.experiment_id(experiment)] if experiment is not None else [
+            e.experiment_id for e in self._experiments.values()]
+        found = self._sweeps(ids)
+        if not found:
+            what = f"experiment {experiment!r}" if experiment else "the store"
+            raise UserError(f"{what} in {self.uri} holds no sweep; {self._listing()}")
+        return found[0]
+
+    def _listing(self) -> str:
+        names = self.experiment_names()
+        if not names:
+            return "it holds no sweep yet: run `itl-ray sweep SPEC` first"
+        return "experiments with sweeps: " + ", ".join(names) + " (itl-ray report --experiment NAME)"
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return next(name for name, e in self._experiments.items() if e.experiment_id == experiment_id)
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``; a UserError listing the experiments with sweeps when the
+        store has no such (active) experiment."""
+        self._refresh(name)
+        if name not in self._experiments:
+            raise UserError(f"no experiment {name!r} in {self.uri}; {self._listing()}")
+        return self._experiments[name].experiment_id
 
     def experiment_of(self, run) -> str:
-        """The name of the experiment a run belongs to."""
-        return self.client.get_experiment(run.info.experiment_id).name
+        """The name of the experiment a run (``mlflow.entities.Run``) belongs to."""
+        return self.experiment_name(run.info.experiment_id)
 
     def trial_runs(self, sweep_run_id: str) -> list:
         """The trial runs (``mlflow.entities.Run``) of one sweep run, oldest first."""
@@ -244,8 +327,8 @@ class Reader:
     def runs_frame(self, experiment: str, sweep_run_id: str | None = None, role: str = ROLE_TRIAL):
         """One ``mlflow.search_runs`` call: a pandas DataFrame, one row per run of ``role`` in
         ``experiment`` (only the children of ``sweep_run_id`` when given), oldest first, with
-        MLflow's columns ``run_id``, ``status``, ``start_time``, ``params.<name>`` (strings),
-        ``metrics.<name>`` (floats, NaN where a run lacks one) and ``tags.<name>``."""
+        MLflow's columns ``run_id``, ``status``, ``start_time``, ``artifact_uri``, ``params.<name>``
+        (strings), ``metrics.<name>`` (floats, NaN where a run lacks one) and ``tags.<name>``."""
         import mlflow
 
         condition = f"tags.`{ROLE}` = '{role}'"
@@ -257,21 +340,59 @@ class Reader:
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         try:
-            return mlflow.search_runs([experiment_id], filter_string=condition,
+            return mlflow.search_runs([experiment_id], filter_string=condition, max_results=100_000,
                                       order_by=["attributes.start_time ASC"])
         finally:
             mlflow.set_tracking_uri(previous)
 
+    def plan(self, parent_run_id: str) -> list[dict] | None:
+        """The sweep's planned trials (``sweep_plan.json`` of its parent run), or None without one."""
+        import json
+
+        if PLAN not in self.artifact_paths(parent_run_id, ""):
+            return None
+        return json.loads(self.download(parent_run_id, PLAN, self._scratch()).read_text())
+
+    def artifact_paths(self, run_id: str, folder: str) -> list[str]:
+        """Paths of the files directly in a run's artifact ``folder`` ("" for the top)."""
+        return [item.path for item in self.client.list_artifacts(run_id, folder or None) if not item.is_dir]
+
     def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
         """Copy the run's artifact ``artifact_path`` (a file or a folder, e.g. ``per_image``) into
-        the existing folder ``destination``; returns the local path. A UserError names a run that
-        has no such artifact."""
-        import mlflow.artifacts
-
+        ``destination`` (made if needed); returns the local path. A UserError names a run that has
+        no such artifact."""
         wanted = artifact_path.strip("/")
         listed = {entry.path for entry in self.client.list_artifacts(run_id, posixpath.dirname(wanted) or None)}
         if wanted not in listed:
             raise UserError(f"run {run_id} has no artifact {artifact_path!r}")
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=wanted,
-                                                    dst_path=str(destination), tracking_uri=self.uri)
-        return Path(local)
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, wanted, str(destination)))
+
+    def run_folder(self, artifact_uri: str, folder: str, destination: str | Path) -> Path | None:
+        """A run's artifact ``folder`` (``artifact_uri``: the run's, as ``trial_runs`` lists it) as
+        a local folder: read where it lies when the artifact store is local, else downloaded into
+        ``destination``. None when the run has no such folder."""
+        local = _local_path(artifact_uri)
+        if local is not None:
+            path = local / folder
+            return path if path.is_dir() and any(path.iterdir()) else None
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            path = Path(download_artifacts(artifact_uri=f"{artifact_uri.rstrip('/')}/{folder}",
+                                           dst_path=str(destination)))
+        except (MlflowException, OSError):
+            return None
+        return path if path.is_dir() and any(path.iterdir()) else None
+
+    def _scratch(self) -> str:
+        import tempfile
+
+        if not hasattr(self, "_scratch_dir"):
+            self._scratch_dir = tempfile.TemporaryDirectory(prefix="itl-report-")
+        return self._scratch_dir.name
+
+    def log_report(self, parent_run_id: str, folder: str | Path) -> None:
+        """The report's files as artifacts of the sweep's parent run, under ``report/``."""
+        self.client.log_artifacts(parent_run_id, str(folder), REPORT_FOLDER)

@@ -84,5 +84,5 @@ def test_missing_wordnet_says_how_to_install(tmp_path):
 
 def test_report_without_a_store_says_where_it_looked(tmp_path):
     done = itl_ray("report", cwd=tmp_path)
-    assert_one_line_error(done, "no MLflow store here", "itl_runs/mlflow.db")
+    assert_one_line_error(done, "does not exist", "itl_runs/mlflow.db", "MLFLOW_TRACKING_URI")
     assert not (tmp_path / "itl_runs").exists()

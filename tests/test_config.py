@@ -60,6 +60,80 @@ def test_missing_spec_file_is_named(tmp_path):
 def test_trial_id_is_stable():
     assert trial_id(TrialConfig()) == trial_id(TrialConfig())
     assert trial_id(TrialConfig(seed=1)) != trial_id(TrialConfig())
+
+
+def test_experiments_share_trials_and_seeds_repeat_them(tmp_path):
+    spec = load_spec(write(tmp_path, """
+name: study
+seeds: [0, 1]
+experiments:
+  images_per_class:
+    grid: {pretrain.images_per_class: [100, 50]}
+  split:
+    grid: {pretrain.label_set: [fine, random_a]}
+    settings: {pretrain.images_per_class: 100}
+  budget:
+    trials:
+      - {pretrain.num_classes: 20, pretrain.images_per_class: 50}
+extra_trials:
+  - {pretrain.images_per_class: 0}
+"""))
+    planned = spec.planned()
+    # 100/fine is in images_per_class and split: once per seed, tagged with both.
+    points = [(p.config.pretrain.images_per_class, p.config.pretrain.label_set, p.config.pretrain.num_classes,
+               p.config.seed, p.experiments) for p in planned]
+    assert points == [
+        (100, "fine", None, 0, ("images_per_class", "split")), (100, "fine", None, 1, ("images_per_class", "split")),
+        (50, "fine", None, 0, ("images_per_class",)), (50, "fine", None, 1, ("images_per_class",)),
+        (100, "random_a", None, 0, ("split",)), (100, "random_a", None, 1, ("split",)),
+        (50, "fine", 20, 0, ("budget",)), (50, "fine", 20, 1, ("budget",)),
+        (0, "fine", None, 0, ("images_per_class", "split", "budget")),
+        (0, "fine", None, 1, ("images_per_class", "split", "budget")),
+    ]
+    assert len({trial_id(p.config) for p in planned}) == len(planned) == len(spec.trials())
+    assert spec.experiment_names() == ["images_per_class", "split", "budget"]
+    assert spec.varying_keys()[-1] == "seed"
+
+
+def test_one_experiment_is_named_after_the_sweep_and_seeds_apply(tmp_path):
+    spec = load_spec(write(tmp_path, "name: My Sweep\nseeds: [3, 4]\ngrid: {pretrain.epochs: [1, 2]}\n"))
+    assert spec.experiment_names() == ["my_sweep"]
+    assert [(t.pretrain.epochs, t.seed) for t in spec.trials()] == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    only_listed = load_spec(write(tmp_path, "name: s\nextra_trials: [{pretrain.epochs: 7}]\n"))
+    assert [t.pretrain.epochs for t in only_listed.trials()] == [7]  # no grid: the listed trials only
+
+
+@pytest.mark.parametrize("text, message", [
+    ("experiments: {a: {grid: {pretrain.epochs: [1]}}}\ngrid: {seed: [1]}\n", "grid: a spec with experiments"),
+    ("experiments: {Bad-Name: {grid: {pretrain.epochs: [1]}}}\n", "experiments.Bad-Name: an experiment name"),
+    ("experiments: {a: {}}\n", "experiments.a: no trials"),
+    ("experiments: {a: {grid: {pretrain.epochs: []}}}\n", "experiments.a.grid.pretrain.epochs: the list of values is empty"),
+    ("experiments: {a: {trials: [{pretrain.epochs: x}]}}\n", "experiments.a.trials[0]: pretrain.epochs: expected int"),
+    ("experiments: {a: {grid: {pretrain.epochs: [1]}, bogus: 1}}\n", "unknown key 'experiments.a.bogus'"),
+    ("seeds: [0, 1]\ngrid: {seed: [1, 2]}\n", "sets seed, which `seeds: [0, 1]` already varies"),
+    ("seeds: [1, 1]\n", "seeds: [1, 1] lists a seed twice"),
+])
+def test_bad_experiment_specs_name_the_key(tmp_path, text, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace(".", r"\.").replace("]", r"\]")):
+        load_spec(write(tmp_path, text))
+
+
+def test_the_study_specs_load():
+    from pathlib import Path
+
+    sweeps = Path(__file__).resolve().parents[1] / "sweeps"
+    paper = load_spec(sweeps / "paper.yaml")
+    assert paper.experiment_names() == ["images_per_class", "number_of_classes", "fixed_budget", "split",
+                                        "pascal_removed", "induction"]
+    assert len(paper.trials()) == 22 * 3  # 22 distinct settings (the baseline and control shared), 3 seeds
+    baseline = [p for p in paper.planned() if p.config.pretrain.images_per_class == 1300
+                and p.config.pretrain.label_set == "fine"]
+    assert len(baseline) == 3 and set(baseline[0].experiments) == {"images_per_class", "number_of_classes", "split",
+                                                                    "pascal_removed", "induction"}
+    mini = load_spec(sweeps / "mini_paper.yaml")
+    assert mini.experiment_names() == paper.experiment_names()
+    for name in ("images_per_class", "number_of_classes", "fixed_budget", "split", "pascal_removed", "induction"):
+        assert load_spec(sweeps / f"{name}.yaml").experiment_names() == [name]
     # 12 hex digits, the same in another process with another hash seed (it names MLflow runs).
     import os
     import re

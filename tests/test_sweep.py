@@ -76,15 +76,26 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     assert resumed.info.status == "FINISHED"
     assert resumed.data.metrics["voc07_det_map"] == pretrained.data.metrics["voc07_det_map"]
 
-    # The analysis script reads the same store back into the results table.
+    # Each trial run names its experiment and point; the parent run keeps the plan.
+    for child in children:
+        assert child.data.params["experiment"] == "tiny" and child.data.tags["itl.experiments"] == "tiny"
+        assert child.data.tags["itl.point"] and "seed" not in child.data.tags["itl.point"]
+    plan_file = client.download_artifacts(parents[0].info.run_id, "sweep_plan.json", str(tmp_path))
+    plan = __import__("json").loads(open(plan_file).read())
+    assert sorted(trial["trial_id"] for trial in plan) == sorted(c.data.tags["itl.trial_id"] for c in children)
+
+    # The analysis script reads the same store back into the experiment's table.
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     report = subprocess.run([sys.executable, str(repo / "analysis" / "report.py"), "--experiment", "tiny",
-                             "--out", str(tmp_path / "report")], env=env, capture_output=True, text=True, timeout=300)
+                             "--out", str(tmp_path / "report"), "--resamples", "50"], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     import csv
 
-    with open(tmp_path / "report" / "results.csv") as handle:
+    with open(tmp_path / "report" / "tiny.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2
-    assert rows[-1]["images_per_class"] == "0"  # the control (fewest pretraining images) comes last
-    assert float(rows[0]["pretrain_top1"]) == pretrained.data.metrics["pretrain_top1"].__round__(2)
+    assert rows[-1]["images_per_class"] == "0"  # the control comes last
+    assert float(rows[0]["pretrain_top1_mean"]) == pretrained.data.metrics["pretrain_top1"]
+    assert rows[0]["pretrain_top1_n"] == "1"
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "tiny.png").is_file()
