@@ -412,7 +412,8 @@ def pretrain(
         compile = switched(config.compile, device) and iteration < schedule.iterations
         step = TrainStep(model, optimizer, device, dtype, compile, log)
         label = f"pretrain from iteration {iteration:,}" if iteration else "pretrain"
-        progress = Progress(label, schedule.iterations - iteration, unit="it", log=log)
+        progress = Progress(label, schedule.iterations - iteration, unit="it", log=log) \
+            if iteration < schedule.iterations else None
         # The loss summed over the curve's window, on the device: read once per window, not per step.
         window = torch.tensor(loss_sum, dtype=torch.float64, device=device)
         started, images_seen = time.perf_counter(), 0
@@ -459,7 +460,8 @@ def pretrain(
                     started, images_seen = time.perf_counter(), 0
                 if iteration == schedule.iterations:
                     break
-        progress.close()
+        if progress is not None:
+            progress.close()
         if accuracy is None:  # every iteration was done before this call
             accuracy = evaluate(model, val_batches.epoch(), dtype)
     return {"pretrain_top1": 100 * accuracy}

@@ -118,7 +118,7 @@ def pretrained_induction(args) -> dict:
 
     spec = load_spec(SMOKE, {f"data.{setting}": path for setting, path in data.items()})
     config = override(spec.trials()[0], {
-        "threads": 1, "pretrain.label_set": label_set, "pretrain.num_classes": 40, "pretrain.images_per_class": 60,
+        "threads": 1, "pretrain.label_set": label_set, "pretrain.num_classes": 40, "pretrain.images_per_class": 40,
         "transfer.induction.enabled": True, "transfer.detection.epochs": 0, "transfer.action.epochs": 0,
         "transfer.scene.epochs": 0})
     with tempfile.TemporaryDirectory() as work:
@@ -126,7 +126,7 @@ def pretrained_induction(args) -> dict:
 
 
 def test_coarse_labels_induce_the_fine_classes_above_chance_and_below_fine_labels(demo_data):
-    """The demo's network and pretraining schedule (sweeps/smoke.yaml) on 40 classes x 60 images,
+    """The demo's network and pretraining schedule (sweeps/smoke.yaml) on 40 classes x 40 images,
     pretrained on the fine classes, on up_down_9 and on down_up_9 (9 groups each), three processes
     two at a time; induction of the 40 fine classes from 100 training images each, k = 1."""
     label_sets = ("fine", "up_down_9", "down_up_9")

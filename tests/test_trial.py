@@ -137,3 +137,26 @@ def wordnet_classes(mini_paths):
     from itl_ray.shards import Prepared
 
     return sorted(set(Prepared(mini_paths["imagenet"], "imagenet").column("label")))
+
+
+def test_a_poisoned_checkpoint_stops_the_trial_with_one_line(tmp_path, mini_paths):
+    """A pretraining checkpoint that carries a pickled object (code that would run when it is
+    unpickled) is refused: `itl-ray trial` exits non-zero with one line, and the code never runs."""
+    import os
+
+    from tests.test_cli import assert_one_line_error, itl_ray
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"model": {}, "iteration": 1, "hook": Payload()}, work / "pretrain.pt")
+    spec = tiny_spec(tmp_path / "tiny.yaml", mini_paths)
+    done = itl_ray("trial", str(spec), "--index", "0", "--no-track", "--workdir", str(work), cwd=tmp_path)
+    assert_one_line_error(done, f"pretraining checkpoint {work / 'pretrain.pt'} holds more than tensors and plain values",
+                          "posix.system", "delete it")
+    assert not marker.exists()
