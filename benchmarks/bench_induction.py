@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from itl_ray.models import AlexNet  # noqa: E402
 from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths  # noqa: E402
-from itl_ray.transfer.induction import InductionConfig, evaluate_induction, induction_data  # noqa: E402
+from itl_ray.transfer.induction import (InductionConfig, InductionRuntime, evaluate_induction,  # noqa: E402
+                                        induction_data)
 
 
 def mini_imagenet(shards: Path | None, folder: Path) -> Prepared:
@@ -45,12 +46,12 @@ def mini_imagenet(shards: Path | None, folder: Path) -> Prepared:
 def full_size_memory(train_images: int = 100 * 1000, val_images: int = 50_000, dim: int = 4096) -> dict:
     """Bytes of float16 features (the stage keeps the training ones, classifies validation ones batch
     by batch) and of one chunk of similarities and features (float32) at the default settings."""
-    config = InductionConfig()
+    config, runtime = InductionConfig(), InductionRuntime()
     return {
         "train_features_mb": train_images * dim * 2 / 1e6,
         "val_features_mb_if_held": val_images * dim * 2 / 1e6,
-        "similarity_chunk_mb": config.batch_size * config.classes_per_chunk * config.train_per_class * 4 / 1e6,
-        "feature_chunk_mb": config.classes_per_chunk * config.train_per_class * dim * 4 / 1e6,
+        "similarity_chunk_mb": runtime.batch_size * runtime.classes_per_chunk * config.train_per_class * 4 / 1e6,
+        "feature_chunk_mb": runtime.classes_per_chunk * config.train_per_class * dim * 4 / 1e6,
     }
 
 

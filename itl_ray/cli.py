@@ -122,12 +122,13 @@ def command_trial(args) -> int:
     from itl_ray.config import load_spec, override, parse_overrides, trial_id
     from itl_ray.sweep import ordered_trials
     from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
-    from itl_ray.trial import run_trial
+    from itl_ray.trial import read_inputs, run_trial
 
     trials = ordered_trials(load_spec(args.spec))
     if not 0 <= args.index < len(trials):
         raise UserError(f"--index {args.index}: {args.spec} has trials 0..{len(trials) - 1}")
     config = override(trials[args.index], parse_overrides(args.overrides))
+    read_inputs(config)  # the prepared data checked (shards, partition), before anything is written
     tid = trial_id(config)
     workdir = Path(args.workdir) if args.workdir else Path("itl_runs/trials") / tid
     if args.no_track:

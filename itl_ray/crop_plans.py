@@ -19,6 +19,8 @@ Validation uses the center window of the resized center square (``center_plan``)
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 
 from itl_ray.images import short_side_for
 
-AUGMENTATIONS = ("crop", "random_resized_crop")
+Augment = Literal["crop", "random_resized_crop"]  # the recipes, as a setting declares them
+AUGMENTATIONS = typing.get_args(Augment)
 RRC_SCALE = (0.08, 1.0)  # random_resized_crop: fraction of the image's area (torchvision's defaults)
 RRC_RATIO = (3 / 4, 4 / 3)  # aspect ratios (width / height)
 RRC_TRIES = 10  # draws before falling back to a center crop, as torchvision

@@ -41,7 +41,9 @@ can sit on its initial loss for many iterations (see ``sweeps/smoke.yaml``).
 from __future__ import annotations
 
 import math
+import typing
 from collections import OrderedDict
+from typing import Literal
 
 import torch
 from torch import nn
@@ -49,8 +51,10 @@ from torch import nn
 # The study's channel counts: conv1..conv5, then fc6/fc7.
 CONV_CHANNELS = (96, 256, 384, 384, 256)
 FC_UNITS = 4096
-VARIANTS = ("bvlc_reference_caffenet", "bvlc_alexnet")
-INITS = ("caffe", "kaiming")
+Variant = Literal["bvlc_reference_caffenet", "bvlc_alexnet"]  # the Caffe prototxts, as a setting declares them
+VARIANTS = typing.get_args(Variant)
+Init = Literal["caffe", "kaiming"]  # the initialisations, as a setting declares them
+INITS = typing.get_args(Init)
 DROPOUT = 0.5  # drop6/drop7 dropout_ratio in both prototxts
 
 # Caffe's fillers per layer: (weight_filler gaussian std, bias_filler constant), from each

@@ -7,7 +7,9 @@
    ``short_side`` (never up; 0 keeps the size) and store it as an RGB JPEG. Files that cannot be
    decoded (corrupt, truncated) are skipped, counted and listed in the report; preparation goes on.
    Each shard is written atomically, so an interrupted run resumes with the shards it finished.
-3. Finish: the manifest (one row per stored image), the report, and ``PREPARED.json`` last.
+3. Finish: the manifest (one row per stored image), the report, and ``PREPARED.json`` last, with
+   each shard's size and the folder's content hash (``shards.manifest_hash``: what trials are
+   identified by, not the folder's path).
 
 The folder's identity (kind, settings, source, the plan's hash) is written first to ``plan.json``:
 a folder that holds another dataset or other settings is refused, never mixed.
@@ -33,8 +35,8 @@ import pyarrow.parquet as pq
 from itl_ray.datasets import Root
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_json
-from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, REPORT, SHARDS, read_shard, shard_path,
-                            shard_skipped, write_shard)
+from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, REPORT, SHARDS, manifest_hash, read_shard,
+                            shard_path, shard_skipped, write_shard)
 
 # Stored shorter side per kind: ImageNet and SUN397 are trained on 227 px crops of 256 px images
 # (Caffe's recipe: images.CAFFE_SHORT_SIDE, which this module does not import to stay free of torch;
@@ -295,5 +297,7 @@ def _finish(out: Path, items: list[Item], shard_count: int, identity: dict) -> d
               "per_split": {split: {"images": sum(c.values()), "per_class": dict(sorted(c.items()))}
                             for split, c in sorted(per_split.items())}}
     write_json(out / REPORT, report)
-    return {**identity, "images": report["images"], "skipped": len(skipped), "shards": shard_count}
+    return {**identity, "images": report["images"], "skipped": len(skipped), "shards": shard_count,
+            "shard_bytes": [shard_path(out, index).stat().st_size for index in range(shard_count)],
+            "content_hash": manifest_hash(pq.read_table(out / MANIFEST), identity)}
 

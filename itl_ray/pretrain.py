@@ -50,12 +50,13 @@ import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval
 
-from itl_ray.crop_plans import AUGMENTATIONS
+from itl_ray.crop_plans import Augment
 from itl_ray.errors import UserError
 from itl_ray.fast_loader import FastLoader, default_workers
 from itl_ray.files import atomic_path
@@ -64,11 +65,7 @@ from itl_ray.models import AlexNet, parameter_groups
 from itl_ray.progress import Progress
 from itl_ray.torchvision_loader import TorchvisionLoader
 
-PIPELINES = ("fast", "torchvision")
-PRECISIONS = ("auto", "bf16", "fp32")
-SWITCHES = ("auto", "on", "off")
-SCHEDULES = ("iterations", "epochs")
-SUBSET_SCHEDULES = ("same_iterations", "same_epochs", "scaled")
+Switch = Literal["auto", "on", "off"]  # auto: on for CUDA
 LR_GAMMA = 0.1  # solver.prototxt ``gamma: 0.1``: the rate is multiplied by this at every step
 ILSVRC2012_TRAIN_IMAGES = 1_281_167  # the full training set the default schedule was written for
 
@@ -82,90 +79,77 @@ class PretrainConfig:
     how images reach the model. Sources: Caffe's ``models/bvlc_reference_caffenet/solver.prototxt``
     (``base_lr: 0.01``, ``lr_policy: "step"``, ``gamma: 0.1``, ``stepsize: 100000``,
     ``max_iter: 450000``, ``momentum: 0.9``, ``weight_decay: 0.0005``, ``snapshot: 10000``) and
-    ``train_val.prototxt`` (``batch_size: 256``). The input settings (pipeline ... compile) and the
-    checkpoint and curve intervals change speed or logs, not what is learnt.
+    ``train_val.prototxt`` (``batch_size: 256``). The checkpoint and curve intervals change what is
+    logged and what a lost node costs, not what is learnt. Settings that change only speed are in
+    ``PretrainRuntime``. Bounds and choices are declared on the fields and checked by
+    ``config.from_dict``."""
 
-    ``validate(path)`` raises UserError naming ``path.<field>`` for a value out of range."""
-
-    num_classes: int | None = None  # ImageNet classes drawn (nested, seeded); null: all of them
-    images_per_class: int = 1300  # per class (nested, seeded); 0: no pretraining, random init
+    # ImageNet classes drawn (nested, seeded); null: all of them.
+    num_classes: Annotated[int, Ge(1)] | None = None
+    # Images per class (nested, seeded); 0: no pretraining, random initialisation (the control).
+    images_per_class: Annotated[int, Ge(0)] = 1300
     label_set: str = "fine"  # fine, or a WordNet label set that merges classes (see label_sets.py)
-    shortfall: str = "take_all"  # a class with fewer images: take_all (recorded) or error
+    shortfall: Literal["take_all", "error"] = "take_all"  # a class with fewer images: take them all (recorded), or stop
     # The schedule of the full training set: iterations (Caffe's solver: max_iter, stepsize) or
     # epochs (epochs, lr_drop_every; torchvision's AlexNet recipe: 90 and 30).
-    schedule: str = "iterations"
-    iterations: int = 450_000  # SGD steps (max_iter), schedule: iterations
-    lr_step_iterations: int = 100_000  # the rate drops by 10 every this many iterations (stepsize)
-    epochs: int = 90  # passes over the full training set, schedule: epochs
-    lr_drop_every: int = 30  # epochs between drops by 10, schedule: epochs
+    schedule: Literal["iterations", "epochs"] = "iterations"
+    iterations: Annotated[int, Ge(1)] = 450_000  # SGD steps (max_iter), schedule: iterations
+    # The rate drops by 10 every this many iterations (stepsize), schedule: iterations.
+    lr_step_iterations: Annotated[int, Ge(1)] = 100_000
+    epochs: Annotated[int, Ge(1)] = 90  # passes over the full training set, schedule: epochs
+    lr_drop_every: Annotated[int, Ge(1)] = 30  # epochs between drops by 10, schedule: epochs
     # How a subset's schedule follows from the full one: same_iterations, same_epochs or scaled
     # (iterations times (subset / full images) ** subset_power); see the module docstring.
-    subset_schedule: str = "same_iterations"
-    subset_power: float = 0.5
-    batch_size: int = 256  # images per SGD step (train_val.prototxt batch_size)
-    lr: float = 0.01  # base_lr at batch_size, for weights (biases: twice, lr_mult 2)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # on weights (biases: decay_mult 0)
+    subset_schedule: Literal["same_iterations", "same_epochs", "scaled"] = "same_iterations"
+    subset_power: Annotated[float, Interval(ge=0, le=1)] = 0.5
+    batch_size: Annotated[int, Ge(1)] = 256  # images per SGD step (train_val.prototxt batch_size)
+    lr: Annotated[float, Gt(0)] = 0.01  # base_lr at batch_size, for weights (biases: twice, lr_mult 2)
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 5e-4  # on weights (biases: decay_mult 0)
     # A checkpoint (and a validation pass) every this many iterations; runs shorter than this
     # checkpoint at the end of every epoch instead. 5,000 iterations are about one ImageNet epoch
     # at batch 256, the most a lost node may cost (Caffe's solver snapshots every 10,000).
-    checkpoint_every: int = 5_000
-    curve_every: int = 100  # pretrain/loss and pretrain/lr, averaged over this many iterations
-    # How images reach the model. These settings change speed, not what is learnt: the same seed
-    # gives the same order, crops and flips with any pipeline, device or thread count.
+    checkpoint_every: Annotated[int, Ge(1)] = 5_000
+    # pretrain/loss and pretrain/lr, averaged over this many iterations.
+    curve_every: Annotated[int, Ge(1)] = 100
     # Input pipeline: fast (fast_loader.FastLoader: decoded once into a cache, or every epoch by CPU
     # threads or nvJPEG on the GPU, crops batched, prefetched) or torchvision (PIL + transforms in
-    # DataLoader processes, the plain way, kept for comparison).
-    pipeline: str = "fast"
+    # DataLoader processes, the plain way, kept for comparison). Both cut the same windows from the
+    # same plan, but PIL's and torch's resampling round differently (pixels agree exactly only
+    # where the shards hold the crops' shorter side: tests/test_fast_loader.py), so it is part of
+    # what a trial computes, not a runtime setting.
+    pipeline: Literal["fast", "torchvision"] = "fast"
     # crop: the study's (Caffe's) random 227 px crops of the image resized to 256 px (256/227 of
     # the crop at other resolutions) and center-squared; random_resized_crop: torchvision's (8-100%
     # of the area, aspect 3/4..4/3). Both flip half the images.
-    augment: str = "crop"
+    augment: Augment = "crop"
+    # auto: bf16 autocast on CUDA, fp32 on a CPU. bf16 changes the numbers (8 bits of mantissa),
+    # so precision is part of what a trial computes, not a runtime setting.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass(frozen=True)
+class PretrainRuntime:
+    """How fast images reach the model (the trial config's ``runtime.pretrain``): none of these
+    changes what a seed trains on. The same seed gives the same order, crops and flips with any
+    number of workers, prefetch depth or cache (tests/test_fast_loader.py checks identical
+    batches); channels_last and compile change the memory layout and the kernels, not the
+    arithmetic's meaning (results agree to rounding). So they are not part of ``trial_id``: a sweep
+    resumed with other values continues the same trials."""
+
     # Decode threads (fast) or DataLoader processes (torchvision); 0: automatic (a GPU: all cores
     # but two; a CPU: a quarter of torch's threads, which train on the rest while they decode).
-    workers: int = 0
-    prefetch: int = 4  # batches decoded ahead of the training step
+    workers: Annotated[int, Ge(0)] = 0
+    prefetch: Annotated[int, Ge(1)] = 4  # batches decoded ahead of the training step
     # fast: a set whose decoded squares fit in this many GiB is decoded once and kept on the
-    # training device (the demo's subsets: tens of MiB); larger sets are decoded every epoch.
-    cache_gib: float = 2.0
+    # training device (the demo's subsets: tens of MiB); larger sets are decoded every epoch; 0: never.
+    cache_gib: Annotated[float, Ge(0)] = 2.0
     # fast on a GPU, decoding every epoch: the fraction of each batch decoded by the CPU threads,
     # the rest by nvJPEG on the GPU (whose decoding competes with training for the SMs).
-    cpu_decode_share: float = 0.5
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on a CPU), bf16 or fp32
-    channels_last: str = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
+    cpu_decode_share: Annotated[float, Interval(ge=0, le=1)] = 0.5
+    channels_last: Switch = "auto"  # NHWC memory for model and batches: auto (on CUDA), on or off
     # torch.compile the training step: auto (on CUDA), on or off; eager again if compiling fails.
-    compile: str = "auto"
-
-    def validate(self, path: str) -> None:
-        """Raise UserError naming ``path.<field>`` (``<field>`` when ``path`` is empty) for a value
-        the loop cannot run with."""
-        prefix = f"{path}." if path else ""
-        if self.images_per_class < 0:
-            raise UserError(f"{prefix}images_per_class must be >= 0 (0 means no pretraining)")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise UserError(f"{prefix}num_classes must be >= 1 or null (all classes)")
-        if self.shortfall not in ("take_all", "error"):
-            raise UserError(f"{prefix}shortfall must be take_all or error, got {self.shortfall!r}")
-        for key in ("iterations", "lr_step_iterations", "epochs", "batch_size", "lr_drop_every", "prefetch",
-                    "checkpoint_every", "curve_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{prefix}{key} must be >= 1, got {getattr(self, key)}")
-        for key, allowed in (("schedule", SCHEDULES), ("subset_schedule", SUBSET_SCHEDULES),
-                             ("pipeline", PIPELINES), ("augment", AUGMENTATIONS), ("precision", PRECISIONS),
-                             ("channels_last", SWITCHES), ("compile", SWITCHES)):
-            if getattr(self, key) not in allowed:
-                raise UserError(f"{prefix}{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not 0.0 <= self.subset_power <= 1.0:
-            raise UserError(f"{prefix}subset_power must be between 0 and 1, got {self.subset_power}")
-        for key in ("lr", "momentum", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{prefix}{key} must be >= 0, got {getattr(self, key)}")
-        if self.workers < 0:
-            raise UserError(f"{prefix}workers must be >= 0 (0: automatic), got {self.workers}")
-        if self.cache_gib < 0:
-            raise UserError(f"{prefix}cache_gib must be >= 0 (0: never cache), got {self.cache_gib}")
-        if not 0.0 <= self.cpu_decode_share <= 1.0:
-            raise UserError(f"{prefix}cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
+    compile: Switch = "auto"
 
 
 @dataclass(frozen=True)
@@ -228,16 +212,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, device: torch.device, train: bool,
-                log: Callable[[str], None] = print):
+def make_loader(images: ImageRows, resolution: int, config: PretrainConfig, runtime: PretrainRuntime,
+                device: torch.device, train: bool, log: Callable[[str], None] = print):
     """The loader ``config.pipeline`` names, for training (random crops) or evaluation (center crops)."""
-    common = dict(augment=config.augment, train=train, prefetch=config.prefetch,
-                  channels_last=switched(config.channels_last, device), log=log)
+    common = dict(augment=config.augment, train=train, prefetch=runtime.prefetch,
+                  channels_last=switched(runtime.channels_last, device), log=log)
     if config.pipeline == "torchvision":
         return TorchvisionLoader(images, resolution, config.batch_size, device,
-                                 workers=config.workers or default_workers(device), **common)
-    return FastLoader(images, resolution, config.batch_size, device, workers=config.workers,
-                      cache_gib=config.cache_gib, cpu_decode_share=config.cpu_decode_share, **common)
+                                 workers=runtime.workers or default_workers(device), **common)
+    return FastLoader(images, resolution, config.batch_size, device, workers=runtime.workers,
+                      cache_gib=runtime.cache_gib, cpu_decode_share=runtime.cpu_decode_share, **common)
 
 
 class TrainStep:
@@ -299,11 +283,12 @@ def evaluate(model: torch.nn.Module, batches: Iterable, dtype: torch.dtype | Non
     return 0.0 if correct is None else correct.item() / max(1, total)
 
 
-def top1(model: AlexNet, val: ImageRows, config: PretrainConfig, device: torch.device) -> float:
+def top1(model: AlexNet, val: ImageRows, config: PretrainConfig, device: torch.device,
+         runtime: PretrainRuntime = PretrainRuntime()) -> float:
     """Top-1 accuracy (fraction) of ``model`` on center crops of ``val`` at the model's resolution."""
     device = torch.device(device)
     model.to(device)
-    with make_loader(val, model.resolution, config, device, train=False, log=lambda line: None) as batches:
+    with make_loader(val, model.resolution, config, runtime, device, train=False, log=lambda line: None) as batches:
         return evaluate(model, batches.epoch(), autocast_dtype(config.precision, device))
 
 
@@ -357,6 +342,7 @@ def pretrain(
     curve: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
     on_checkpoint: Callable[[int], None] = lambda iteration: None,
     log: Callable[[str], None] = print,
+    runtime: PretrainRuntime = PretrainRuntime(),
 ) -> dict:
     """Train ``model`` in place on ``train``; resumes from ``checkpoint`` when it exists.
 
@@ -367,11 +353,11 @@ def pretrain(
     each checkpoint; ``on_checkpoint(iteration)`` is called once a checkpoint is on disk
     (a sweep saves the trial's folder then). Steps are iterations done, 1-based. Returns final
     metrics: ``pretrain_top1`` in percent on ``val``, the validation images of the trained classes.
-    Raises UserError for a checkpoint that does not load (``load_state``) or that was written for
-    another schedule."""
+    ``runtime`` sets how fast images arrive, not which (``PretrainRuntime``). Raises UserError for
+    a checkpoint that does not load (``load_state``) or that was written for another schedule."""
     device = torch.device(device)
     schedule = plan_schedule(config, len(train), full_images or len(train))
-    channels_last = switched(config.channels_last, device)
+    channels_last = switched(runtime.channels_last, device)
     dtype = autocast_dtype(config.precision, device)
     model.to(device)
     if channels_last:
@@ -400,8 +386,10 @@ def pretrain(
     with contextlib.ExitStack() as stack:
         if channels_last:  # hand the model back in the usual layout
             stack.callback(model.to, memory_format=torch.contiguous_format)
-        train_batches = stack.enter_context(make_loader(train, model.resolution, config, device, train=True, log=log))
-        val_batches = stack.enter_context(make_loader(val, model.resolution, config, device, train=False, log=log))
+        train_batches = stack.enter_context(make_loader(train, model.resolution, config, runtime, device, train=True,
+                                                        log=log))
+        val_batches = stack.enter_context(make_loader(val, model.resolution, config, runtime, device, train=False,
+                                                      log=log))
         training_threads = stack.enter_context(threads_beside(train_batches))
         if iteration < schedule.iterations:
             where = device.type if device.type == "cuda" else f"{training_threads} CPU threads"
@@ -409,7 +397,7 @@ def pretrain(
                 f"epochs of {len(train):,} images, rate x{LR_GAMMA:g} every {schedule.lr_step:,}), "
                 f"{train_batches.describe()}, {'bf16' if dtype else 'fp32'}"
                 f"{', channels_last' if channels_last else ''} on {where}")
-        compile = switched(config.compile, device) and iteration < schedule.iterations
+        compile = switched(runtime.compile, device) and iteration < schedule.iterations
         step = TrainStep(model, optimizer, device, dtype, compile, log)
         label = f"pretrain from iteration {iteration:,}" if iteration else "pretrain"
         progress = Progress(label, schedule.iterations - iteration, unit="it", log=log) \

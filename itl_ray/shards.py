@@ -2,7 +2,8 @@
 
 A prepared folder (written by ``itl_ray.prepare``) holds::
 
-    PREPARED.json      kind, settings, source, counts: written last, so its presence means complete
+    PREPARED.json      kind, settings, source, counts, each shard's size in bytes and the content
+                       hash (``content_hash``): written last, so its presence means complete
     plan.json          the same identity, written first: an interrupted preparation resumes from it
     manifest.parquet   one row per image: split, label, source path, boxes, sizes, checksum, shard, offset
     report.json        images per split and class, skipped files and why
@@ -12,10 +13,21 @@ Every stored image is a baseline RGB JPEG (grayscale, CMYK and PNG sources are r
 one decoder (nvjpeg on a GPU, libjpeg on a CPU) reads all of them. Trials never copy images: a
 subset is a list of manifest rows, and ``Prepared.read`` fetches those rows' bytes from
 memory-mapped shards.
+
+A folder's identity is its content, not its path: ``content_hash`` (16 hex digits) covers the
+format version, the kind, the stored size and JPEG quality, and every manifest column but the
+storage layout (shard, offset): splits, labels, VOC objects, stored and source sizes and each
+source file's SHA-256. ``itl-ray prepare`` records it in PREPARED.json; for a folder prepared
+before it did, ``Prepared.content_hash`` computes the same value from the manifest (about a
+second for ImageNet) and writes nothing into the folder. ``Prepared.verify`` checks that the
+shards are what PREPARED.json and the manifest say, cheaply (footers, schemas, row counts, sizes;
+no image bytes read), naming the first file that is not.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -31,6 +43,7 @@ from itl_ray.files import atomic_path
 FORMAT_VERSION = 1
 KINDS = ("imagenet", "voc2007", "voc2012-action", "sun397")
 INFO, PLAN, MANIFEST, REPORT, SHARDS = "PREPARED.json", "plan.json", "manifest.parquet", "report.json", "shards"
+LAYOUT_COLUMNS = ("shard", "offset")  # where a manifest row is stored, not what it holds
 
 # Columns of a shard file; the manifest repeats all but ``jpeg`` and adds the item's metadata.
 SHARD_SCHEMA = pa.schema([
@@ -69,32 +82,122 @@ def shard_skipped(table: pa.Table) -> list[dict]:
     return json.loads((table.schema.metadata or {}).get(b"skipped", b"[]"))
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def read_info(folder: str | Path, kind: str, setting: str = "") -> dict:
+    """PREPARED.json of a prepared folder of ``kind``. UserError, naming ``setting=folder``, for a
+    folder that does not exist, is not prepared, did not finish, or holds another kind or format."""
+    path = Path(folder).expanduser().resolve()
+    where = f"{setting}={folder}" if setting else str(folder)
+    info_file = path / INFO
+    if not info_file.is_file():
+        if (path / PLAN).is_file():
+            raise UserError(f"{where}: its preparation did not finish; rerun `itl-ray prepare {kind} ROOT "
+                            f"{folder}` to complete it")
+        if path.is_dir():
+            raise UserError(f"{where} is not a prepared dataset; run `itl-ray prepare {kind} ROOT OUT` and "
+                            "point the setting at OUT")
+        raise UserError(f"{where} does not exist; run `itl-ray prepare {kind} ROOT OUT` and point the "
+                        "setting at OUT")
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{where}: {INFO} is not readable ({_first_line(error)}); prepare the dataset again") from None
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{where} was prepared by another itl_ray version; prepare it again")
+    if info.get("kind") != kind:
+        raise UserError(f"{where} holds a prepared {info.get('kind')} dataset, not {kind}")
+    return info
+
+
+def _read_manifest(path: Path, where: str, again: str) -> pa.Table:
+    if not path.is_file():
+        raise UserError(f"{where}: {MANIFEST} is missing; {again}")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise UserError(f"{where}: {MANIFEST} is not a readable Parquet file ({_first_line(error)}); {again}") from None
+
+
+def manifest_hash(manifest: pa.Table, info: dict) -> str:
+    """The content hash of a prepared folder from its manifest and PREPARED.json (see the module
+    docstring): SHA-256 over the format version, kind, stored size and quality, then each manifest
+    column but the layout ones, in name order; 16 hex digits."""
+    digest = hashlib.sha256()
+    settings = info.get("settings") or {}
+    digest.update(json.dumps({"format_version": info.get("format_version"), "kind": info.get("kind"),
+                              "short_side": settings.get("short_side"), "quality": settings.get("quality")},
+                             sort_keys=True).encode())
+    for name in sorted(manifest.column_names):
+        if name in LAYOUT_COLUMNS:
+            continue
+        column = manifest.column(name)
+        digest.update(f"\0{name}\0{column.type}\0".encode())
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            values = column.to_numpy()
+            digest.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+        else:
+            digest.update(json.dumps(column.to_pylist()).encode())
+    return digest.hexdigest()[:16]
+
+
 class Prepared:
     """An opened prepared dataset: its manifest, and its images read by manifest row."""
 
     def __init__(self, folder: str | Path, kind: str, setting: str = ""):
         self.folder = Path(folder).expanduser().resolve()
-        where = f"{setting}={folder}" if setting else str(folder)
-        info_file = self.folder / INFO
-        if not info_file.is_file():
-            if (self.folder / PLAN).is_file():
-                raise UserError(f"{where}: its preparation did not finish; rerun `itl-ray prepare {kind} ROOT "
-                                f"{folder}` to complete it")
-            if self.folder.is_dir():
-                raise UserError(f"{where} is not a prepared dataset; run `itl-ray prepare {kind} ROOT OUT` and "
-                                "point the setting at OUT")
-            raise UserError(f"{where} does not exist; run `itl-ray prepare {kind} ROOT OUT` and point the "
-                            "setting at OUT")
-        self.info = json.loads(info_file.read_text())
-        if self.info.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{where} was prepared by another itl_ray version; prepare it again")
-        if self.info.get("kind") != kind:
-            raise UserError(f"{where} holds a prepared {self.info.get('kind')} dataset, not {kind}")
-        self.manifest = pq.read_table(self.folder / MANIFEST)
+        self.kind = kind
+        self.where = f"{setting}={folder}" if setting else str(folder)
+        # What to do about a damaged folder: a new preparation (prepare skips a folder it finished).
+        self._again = (f"prepare the dataset again (`itl-ray prepare {kind} ROOT OUT`, OUT a new folder) and point "
+                       f"{setting or 'the setting'} at it")
+        self.info = read_info(folder, kind, setting)
+        self.manifest = _read_manifest(self.folder / MANIFEST, self.where, self._again)
         self._shard = self.manifest.column("shard").to_numpy()
         self._offset = self.manifest.column("offset").to_numpy()
         self._jpegs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (byte offsets, bytes)
         self._lock = threading.Lock()  # decode threads read concurrently
+
+    @functools.cached_property
+    def content_hash(self) -> str:
+        """16 hex digits identifying what the folder holds (see the module docstring): PREPARED.json's
+        ``content_hash``, or computed from the manifest for a folder prepared before it was recorded."""
+        return self.info.get("content_hash") or manifest_hash(self.manifest, self.info)
+
+    def verify(self) -> "Prepared":
+        """Check that every shard is what PREPARED.json and the manifest say: the file exists, is
+        an Arrow IPC file with the shard columns, holds as many rows as the manifest places in it,
+        and has the size recorded at preparation (folders that recorded sizes). Reads footers and
+        schemas, not image bytes. Returns self; raises UserError naming the first bad file."""
+        shards = int(self.info.get("shards", int(self._shard.max()) + 1 if len(self._shard) else 0))
+        rows = np.bincount(self._shard, minlength=shards) if len(self._shard) else np.zeros(shards, np.int64)
+        if len(rows) > shards:
+            raise UserError(f"{self.where}: {MANIFEST} places rows in shard {len(rows) - 1}, but PREPARED.json "
+                            f"records {shards} shards; {self._again}")
+        sizes = self.info.get("shard_bytes")
+        for index in range(shards):
+            path = shard_path(self.folder, index)
+            name = path.relative_to(self.folder)
+            if not path.is_file():
+                raise UserError(f"{self.where}: {name} is missing; {self._again}")
+            try:
+                reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+                stored = sum(reader.get_batch(batch).num_rows for batch in range(reader.num_record_batches))
+            except (pa.ArrowInvalid, OSError) as error:
+                raise UserError(f"{self.where}: {name} is not a readable Arrow file ({_first_line(error)}); "
+                                f"{self._again}") from None
+            missing = [column for column in SHARD_SCHEMA.names if column not in reader.schema.names]
+            if missing:
+                raise UserError(f"{self.where}: {name} lacks the column(s) {', '.join(missing)}; {self._again}")
+            if stored != rows[index]:
+                raise UserError(f"{self.where}: {name} holds {stored} images, the manifest lists {rows[index]}; "
+                                f"{self._again}")
+            if sizes is not None and path.stat().st_size != sizes[index]:
+                raise UserError(f"{self.where}: {name} has {path.stat().st_size:,} bytes, {sizes[index]:,} when it "
+                                f"was prepared (changed since); {self._again}")
+        return self
 
     def __len__(self) -> int:
         return self.manifest.num_rows

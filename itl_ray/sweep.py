@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
@@ -48,9 +49,11 @@ def varying_keys(spec: SweepSpec) -> list[str]:
 
 
 def sweep_id(spec: SweepSpec) -> str:
-    """12 hex digits identifying the sweep's trial list (tag ``itl.sweep_id`` of its parent run):
-    ``--resume`` continues the latest sweep run with the same id."""
-    text = json.dumps([to_dict(t) for t in spec.trials()], sort_keys=True)
+    """12 hex digits identifying the sweep's trials (tag ``itl.sweep_id`` of its parent run):
+    ``--resume`` continues the latest sweep run with the same id. Built from the trial ids, so it
+    too ignores runtime settings and data paths (a sweep resumed with more workers, or with its
+    prepared data moved, is the same sweep)."""
+    text = json.dumps([trial_id(t) for t in spec.trials()])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -74,11 +77,18 @@ def ordered_trials(spec: SweepSpec) -> list[TrialConfig]:
 
 def dry_run(spec: SweepSpec, img_per_s: float | None = None) -> str:
     """The trials grouped by experiment, each with its pretraining images, iterations and GPU-hours,
-    and the total (a trial shared by several experiments is listed in each, counted once)."""
+    and the total (a trial shared by several experiments is listed in each, counted once). A trial
+    id names the prepared data by content: where the data is not here, the ids are left out."""
     speed = throughput(img_per_s)
     plan = ordered_plan(spec, speed)
     keys = varying_keys(spec)
     names = spec.experiment_names()
+    ids, missing = {}, None
+    for index, (planned, _) in enumerate(plan):
+        try:
+            ids[index] = trial_id(planned.config)
+        except UserError as error:
+            ids[index], missing = "-", missing or str(error)
     shared = sum(len(planned.experiments) > 1 for planned, _ in plan)
     lines = [f"sweep {spec.trial.name!r}: {len(plan)} trials in {len(names)} experiment"
              f"{'s' if len(names) > 1 else ''}" + (f", {shared} shared by several" if shared else "")
@@ -89,7 +99,7 @@ def dry_run(spec: SweepSpec, img_per_s: float | None = None) -> str:
             if name not in planned.experiments:
                 continue
             others = [other for other in planned.experiments if other != name]
-            rows.append({"index": index, "trial_id": trial_id(planned.config),
+            rows.append({"index": index, "trial_id": ids[index],
                          "trial": trial_name(planned.config, keys), "pretrain images": f"{cost.pretrain_images:,}",
                          "iterations": f"{cost.iterations:,}", "GPU time": gpu_time(cost.gpu_hours),
                          "also in": ", ".join(others) or "-"})
@@ -108,6 +118,8 @@ def dry_run(spec: SweepSpec, img_per_s: float | None = None) -> str:
     if any(cost.nominal for _, cost in plan):
         lines.append(f"pretraining images: ILSVRC-2012's nominal counts (data.imagenet={spec.trial.data.imagenet} "
                      "is not a prepared dataset here)")
+    if missing:
+        lines.append(f"trial ids: they name the prepared data by content, which is not here ({missing})")
     lines.append("nothing was started (--dry-run); `itl-ray trial SPEC --index N` runs trial N alone")
     return "\n".join(lines)
 
@@ -127,36 +139,47 @@ def storage_root(storage: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# GPUs: refuse a trial no node can hold (Tune would wait for it forever)
+# CPUs and GPUs: refuse a trial no node can hold (Tune would wait for it forever)
 # ---------------------------------------------------------------------------------------------
 
-def check_gpus(gpus_per_trial: float, alive_nodes: list[float], node_types: dict[str, float]) -> None:
-    """``alive_nodes``: GPUs of each node now in the cluster; ``node_types``: GPUs of each node type
-    the autoscaler can start (empty when there is no autoscaler)."""
+SETTINGS = {"CPU": "cpus_per_trial", "GPU": "gpus_per_trial"}  # Ray's resource -> its setting
+
+
+def check_fits(resource: str, per_trial: float, alive_nodes: list[float], node_types: dict[str, float | None]) -> None:
+    """UserError, with both numbers, when a trial asks for more of ``resource`` ("CPU" or "GPU")
+    than the largest node has. ``alive_nodes``: the amount on each node now in the cluster;
+    ``node_types``: on each node type the autoscaler can start (empty without an autoscaler; None
+    where a type does not declare it and the autoscaler detects it: then no node type is ruled
+    out)."""
+    if any(amount is None for amount in node_types.values()):
+        return
     largest = max([*alive_nodes, *node_types.values()], default=0.0)
-    if gpus_per_trial > largest:
-        types = ", ".join(f"{name}: {gpus:g}" for name, gpus in sorted(node_types.items())) or "none"
-        raise UserError(f"resources.gpus_per_trial={gpus_per_trial:g} but the largest node has {largest:g} GPUs "
-                        f"(alive nodes: {', '.join(f'{g:g}' for g in alive_nodes) or 'none'}; node types: {types}); "
-                        "lower gpus_per_trial or add a node type with more GPUs")
+    if per_trial > largest:
+        setting = SETTINGS[resource]
+        types = ", ".join(f"{name}: {amount:g}" for name, amount in sorted(node_types.items())) or "none"
+        raise UserError(f"resources.{setting}={per_trial:g} but the largest node has {largest:g} {resource}s "
+                        f"(alive nodes: {', '.join(f'{a:g}' for a in alive_nodes) or 'none'}; node types: {types}); "
+                        f"lower {setting} or add a node type with more {resource}s")
 
 
-def node_type_gpus(path: str = BOOTSTRAP_CONFIG) -> dict[str, float]:
-    """GPUs per node type of the autoscaler config that `ray up` left on this (head) node, if any."""
-    import yaml
-
+def node_type_resources(resource: str, path: str = BOOTSTRAP_CONFIG) -> dict[str, float | None]:
+    """``resource`` ("CPU" or "GPU") per node type of the autoscaler config that `ray up` left on
+    this (head) node, if any. A type without a GPU entry has none; one without a CPU entry gets
+    None (Ray detects its CPUs when it starts)."""
     file = Path(path).expanduser()
     if not file.is_file():
         return {}
     types = (yaml.safe_load(file.read_text()) or {}).get("available_node_types") or {}
-    return {name: float((spec.get("resources") or {}).get("GPU", 0)) for name, spec in types.items()}
+    default = 0 if resource == "GPU" else None
+    amounts = {name: (spec.get("resources") or {}).get(resource, default) for name, spec in types.items()}
+    return {name: None if amount is None else float(amount) for name, amount in amounts.items()}
 
 
-def alive_node_gpus() -> list[float]:
-    """GPUs of each node alive in the connected Ray cluster (``ray.nodes()``)."""
+def alive_node_resources(resource: str) -> list[float]:
+    """``resource`` ("CPU" or "GPU") of each node alive in the connected Ray cluster (``ray.nodes()``)."""
     import ray
 
-    return [float(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+    return [float(node["Resources"].get(resource, 0)) for node in ray.nodes() if node["Alive"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +205,7 @@ def _trainable(params: dict) -> None:
 
     params = params["trial"]
     config = from_dict(TrialConfig, params["config"])
-    if not config.threads:
+    if not config.runtime.threads:
         torch.set_num_threads(max(1, int(params["cpus"])))
 
     def log(line: str) -> None:
@@ -310,7 +333,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     tracker = Tracker(spec.trial.name)  # fails fast on an unreachable server, before any trial
     if not ray.is_initialized():
         ray.init(include_dashboard=False, logging_level="ERROR")  # RAY_ADDRESS or `ray start` here: that cluster
-    check_gpus(spec.resources.gpus_per_trial, alive_node_gpus(), node_type_gpus())
+    check_fits("CPU", spec.resources.cpus_per_trial, alive_node_resources("CPU"), node_type_resources("CPU"))
+    check_fits("GPU", spec.resources.gpus_per_trial, alive_node_resources("GPU"), node_type_resources("GPU"))
     sid = sweep_id(spec)
     parent = tracker.sweep_run(sid, spec.trial.name, resume)
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),

@@ -49,14 +49,14 @@ PER_IMAGE = "per_image"  # the working folder's sub-folder of per-image scores
 
 
 def pick_device(name: str) -> torch.device:
-    """The torch device of the ``device`` setting: auto (CUDA when torch sees a GPU, else the CPU),
-    cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
+    """The torch device of the ``runtime.device`` setting: auto (CUDA when torch sees a GPU, else
+    the CPU), cpu or cuda. Raises UserError for cuda without a GPU, or another name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda, but torch sees no GPU here; use device=auto or cpu")
+        raise UserError("runtime.device=cuda, but torch sees no GPU here; use runtime.device=auto or cpu")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise UserError(f"runtime.device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 
@@ -104,14 +104,18 @@ class Inputs:
     sun397: Prepared
 
 
-# A sweep validates every trial's inputs in one process: open each prepared dataset once.
-_open = functools.lru_cache(maxsize=16)(Prepared)
+@functools.lru_cache(maxsize=16)
+def _open(folder: str, kind: str, setting: str) -> Prepared:
+    """A prepared dataset, opened and its shards checked (``Prepared.verify``) once per process: a
+    sweep validates every trial's inputs in one process."""
+    return Prepared(folder, kind, setting).verify()
 
 
 def read_inputs(config: TrialConfig) -> Inputs:
-    """Open every prepared dataset, check it holds what the trial asks for (the SUN397 partitions)
-    and choose the subset and the label set, so that a wrong path or an impossible setting fails
-    before any training (the sweep calls this for every trial first)."""
+    """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
+    the label set, and check that the SUN397 partitions the trial asks for were prepared, so that a
+    wrong path, a damaged folder or an impossible setting fails before any training (the sweep
+    calls this for every trial first, ``itl-ray trial`` before its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -156,9 +160,10 @@ def save_per_image(workdir: Path, tables: dict) -> None:
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    runtime = config.runtime
+    if runtime.threads:
+        torch.set_num_threads(runtime.threads)
+    device = pick_device(runtime.device)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
@@ -172,6 +177,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     params = {
         **flatten(to_dict(config)),
         "trial_id": trial_id(config),
+        **{f"data_hash.{setting}": data.content_hash for setting, data in
+           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
+            ("sun397", inputs.sun397))},
         "num_classes": len(groups),
         "source_classes": len(subset.classes),
         "images_per_class": pre.images_per_class,
@@ -208,13 +216,14 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             return ImageRows(inputs.imagenet, rows, [group_index[mapping[labels[row]]] for row in rows])
 
         if pre.images_per_class == 0:
-            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device)}
+            result = {"pretrain_top1": 100 * top1(model, images(inputs.val_rows), pre, device, runtime.pretrain)}
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
             result = pretrain(
                 model, images(inputs.train_rows), images(inputs.val_rows), pre, device, config.seed,
                 workdir / "pretrain.pt", full_images=inputs.full_train_images, curve=curve,
                 on_checkpoint=lambda iteration: report("checkpoint", {}, iteration), log=log,
+                runtime=runtime.pretrain,
             )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
@@ -226,17 +235,18 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     transfers = {
         "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
                                                 voc_images(inputs.voc2007, "test"), transfer.detection,
-                                                device, config.seed, log=log),
+                                                device, config.seed, log=log, runtime=runtime.detection),
         "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
                                           transfer.action, device, config.seed, log=log),
         "scene": lambda: evaluate_scene(model, [scene_data(inputs.sun397, p) for p in transfer.scene.partitions],
-                                        transfer.scene, device, config.seed, log=log, curve=curve),
+                                        transfer.scene, device, config.seed, log=log, curve=curve,
+                                        runtime=runtime.scene),
     }
     if transfer.induction.enabled:
         transfers["induction"] = lambda: evaluate_induction(
             model, induction_data(inputs.imagenet, subset.classes, transfer.induction.train_per_class, config.seed,
                                   pre.label_set, len(groups) if pre.images_per_class else 0),
-            transfer.induction, device, config.seed, log=log, curve=curve)
+            transfer.induction, device, config.seed, log=log, curve=curve, runtime=runtime.induction)
     for stage, evaluate in transfers.items():
         if stage in stages:
             log(f"{stage}: done earlier")

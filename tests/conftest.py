@@ -66,7 +66,7 @@ def tiny_spec(path: Path, paths: dict[str, str], extra: str = "") -> Path:
     path.write_text(f"""
 name: tiny
 seed: 0
-threads: 1
+runtime: {{threads: 1}}
 data:
   imagenet: {paths['imagenet']}
   voc2007: {paths['voc2007']}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import tiny_spec
+from tests.processes import ray_tmpdir  # noqa: F401 (a fixture)
 
 
 def itl_ray(*args, cwd=None):
@@ -86,3 +88,97 @@ def test_report_without_a_store_says_where_it_looked(tmp_path):
     done = itl_ray("report", cwd=tmp_path)
     assert_one_line_error(done, "does not exist", "itl_runs/mlflow.db", "MLFLOW_TRACKING_URI")
     assert not (tmp_path / "itl_runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything a trial will use is checked before Ray starts: one line, exit 2, nothing started
+# ---------------------------------------------------------------------------------------------
+
+def damaged_copy(source: str, folder: Path, what: str) -> str:
+    """A copy of a prepared folder with one kind of damage."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(source, folder)
+    if what == "truncated shard":
+        shard = folder / "shards" / "shard-00000.arrow"
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif what == "missing manifest":
+        (folder / "manifest.parquet").unlink()
+    elif what == "partition 3 not prepared":  # as if Training_03/Testing_03 had not been there
+        manifest = pq.read_table(folder / "manifest.parquet")
+        splits = [",".join(s for s in split.split(",") if not s.endswith("_03"))
+                  for split in manifest.column("split").to_pylist()]
+        pq.write_table(manifest.set_column(manifest.column_names.index("split"), "split", pa.array(splits)),
+                       folder / "manifest.parquet")
+        info = json.loads((folder / "PREPARED.json").read_text())
+        del info["content_hash"]
+        (folder / "PREPARED.json").write_text(json.dumps(info))
+    return str(folder)
+
+
+BAD_INPUTS = [
+    ("twice", [], ["spec file", "key 'pretrain' is given twice (lines", "keep one"]),
+    ("empty", [], ["holds no settings; a spec names the sweep (name:)"]),
+    ("", ["--set", "pretrain.lr=-1e-3"], ["pretrain.lr=-0.001 is out of range; allowed: > 0"]),
+    ("", ["--set", "pretrain.momentum=-0.9"], ["pretrain.momentum=-0.9 is out of range"]),
+    ("", ["--set", "pretrain.weight_decay=-5e-4"], ["pretrain.weight_decay=-0.0005 is out of range"]),
+    ("", ["--set", "model.width=0"], ["model.width=0.0 is out of range; allowed: > 0"]),
+    ("", ["--set", "model.width=-0.25"], ["model.width=-0.25 is out of range; allowed: > 0"]),
+    ("", ["--set", "model.resolution=10"], ["model.resolution=10 is out of range; allowed: >= 39"]),
+    ("", ["--set", "model.resolution=-64"], ["model.resolution=-64 is out of range; allowed: >= 39"]),
+    ("", ["--set", "transfer.scene.partitions=[1, 11]"],
+     ["transfer.scene.partitions[1]=11 is out of range; allowed: >= 1 and <= 10"]),
+    ("", ["--set", "resources.cpus_per_trial=-2"], ["resources.cpus_per_trial=-2.0 is out of range; allowed: > 0"]),
+    ("", ["--set", "max_failures=-1"], ["max_failures=-1 is out of range; allowed: >= 0"]),
+    ("", ["--set", "runtime.pretrain.compile=yes"], ["runtime.pretrain.compile='yes' is not one of the choices"]),
+    ("truncated shard", ["imagenet"], ["data.imagenet=", "shards/shard-00000.arrow is not a readable Arrow file",
+                                       "itl-ray prepare imagenet ROOT OUT"]),
+    ("missing manifest", ["voc2007"], ["data.voc2007=", "manifest.parquet is missing", "itl-ray prepare voc2007"]),
+    ("partition 3 not prepared", ["sun397", "--set", "transfer.scene.partitions=[3]"],
+     ["data.sun397=", "holds no partition 3", "transfer.scene.partitions"]),
+]
+
+
+@pytest.mark.parametrize("case, args, fragments", BAD_INPUTS, ids=[
+    f"{case or args[1]}" for case, args, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_ray_or_mlflow_start(tmp_path, mini_paths, monkeypatch, capsys, ray_tmpdir,
+                                                         case, args, fragments):
+    """`itl-ray sweep` (and `itl-ray trial` for the data) in this process: exit code 2, one line,
+    and nothing started: no Ray instance, no MLflow store, no storage, no trial folder."""
+    from itl_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = tiny_spec(tmp_path / "s.yaml", mini_paths, extra=f"storage: {tmp_path / 'runs'}")
+    if case == "twice":
+        spec.write_text(spec.read_text() + "pretrain: {epochs: 5}\n")
+    elif case == "empty":
+        spec.write_text("# nothing yet\n")
+    commands = [["sweep"], ["sweep", "--dry-run"]] if case in ("", "twice", "empty") else [["sweep"], ["trial", "--no-track"]]
+    if case and case not in ("twice", "empty"):
+        setting, *args = args
+        copy = damaged_copy(mini_paths[setting], tmp_path / f"damaged-{setting}", case)
+        args = ["--set", f"data.{setting}={copy}", *args]
+    for command in commands:
+        code = main([command[0], str(spec), *command[1:], *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (command, err)
+        for fragment in fragments:
+            assert fragment in err[0], (command, err[0])
+    assert not (tmp_path / "itl_runs").exists() and not (tmp_path / "runs").exists()  # no MLflow store, no trial
+    assert not any(ray_tmpdir.iterdir())  # no Ray session was started
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+
+
+def test_a_key_given_twice_through_the_command(tmp_path, mini_paths):
+    spec = tiny_spec(tmp_path / "s.yaml", mini_paths)
+    spec.write_text(spec.read_text() + "pretrain: {epochs: 5, batch_size: 4}\n")
+    lines = [number for number, line in enumerate(spec.read_text().splitlines(), 1) if line.startswith("pretrain:")]
+    done = itl_ray("sweep", str(spec), "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2 and len(lines) == 2
+    assert_one_line_error(done, f"key 'pretrain' is given twice (lines {lines[0]} and {lines[1]})")

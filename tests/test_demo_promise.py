@@ -32,7 +32,7 @@ def smoke_trial(data: dict[str, str], num_classes: int, images_per_class: int):
     spec = load_spec(SMOKE, {f"data.{setting}": path for setting, path in data.items()})
     (config,) = [trial for trial in spec.trials()
                  if (trial.pretrain.num_classes, trial.pretrain.images_per_class) == (num_classes, images_per_class)]
-    return override(config, {"threads": 1})
+    return override(config, {"runtime.threads": 1})
 
 
 def final_metrics(config, workdir: Path) -> dict:

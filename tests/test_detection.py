@@ -199,18 +199,23 @@ def test_empty_splits_are_user_errors(voc):
 
 
 def test_config_errors_name_the_field():
+    """Bounds are declared on the fields and checked by the config's one validator; the rules
+    between fields (max_size >= image_size, bg_iou_low < bg_iou_high) by DetectionConfig.check."""
+    from itl_ray.config import validate
     from itl_ray.errors import UserError
 
-    DetectionConfig().validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.fg_fraction"):
-        DetectionConfig(fg_fraction=1.5).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.bg_iou_low"):
-        DetectionConfig(bg_iou_low=0.6).validate("transfer.detection")
-    with pytest.raises(UserError, match=r"transfer\.detection\.window_sizes"):
-        DetectionConfig(window_sizes=()).validate("transfer.detection")
-    # A config built in code is checked when the task starts.
-    with pytest.raises(UserError, match=r"detection\.epochs"):
-        evaluate_detection(small_backbone(), [], [], DetectionConfig(epochs=-1), torch.device("cpu"), seed=0)
+    assert validate(DetectionConfig(), "transfer.detection") == DetectionConfig()
+    for config, message in (
+        (DetectionConfig(fg_fraction=1.5), r"transfer\.detection\.fg_fraction=1\.5 is out of range; allowed: >= 0 and <= 1"),
+        (DetectionConfig(bg_iou_low=0.6), r"transfer\.detection: bg_iou_low \(0\.6\) must be below bg_iou_high \(0\.5\)"),
+        (DetectionConfig(window_sizes=()), r"transfer\.detection\.window_sizes=\[\] is out of range; allowed: not empty"),
+        (DetectionConfig(window_sizes=(0.5, 1.5)), r"transfer\.detection\.window_sizes\[1\]=1\.5 is out of range"),
+        (DetectionConfig(max_size=100), r"transfer\.detection: max_size \(100\) must be at least image_size \(128\)"),
+        (DetectionConfig(epochs=-1), r"transfer\.detection\.epochs=-1 is out of range; allowed: >= 0"),
+        (DetectionConfig(box_target_stds=(0.1, 0.1, 0.2)), r"transfer\.detection\.box_target_stds: expected a list of 4"),
+    ):
+        with pytest.raises(UserError, match=message):
+            validate(config, "transfer.detection")
 
 
 def test_sliding_windows_by_hand():

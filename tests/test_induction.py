@@ -101,9 +101,11 @@ def test_a_fine_network_has_nothing_to_induce_and_still_gives_the_reference(mini
 
 
 @pytest.mark.parametrize("override_, message", [
-    ({"transfer.induction.k": 0}, "transfer.induction.k must be >= 1, got 0"),
-    ({"transfer.induction.k": 5, "transfer.induction.train_per_class": 3}, "transfer.induction.k=5 is more than"),
-    ({"transfer.induction.train_per_class": 0}, "transfer.induction.train_per_class must be >= 1"),
+    ({"transfer.induction.k": 0}, r"transfer\.induction\.k=0 is out of range; allowed: >= 1"),
+    ({"transfer.induction.k": 5, "transfer.induction.train_per_class": 3}, "transfer.induction: k=5 is more than"),
+    ({"transfer.induction.train_per_class": 0}, r"transfer\.induction\.train_per_class=0 is out of range; allowed: >= 1"),
+    ({"runtime.induction.batch_size": 0}, r"runtime\.induction\.batch_size=0 is out of range; allowed: >= 1"),
+    ({"runtime.induction.classes_per_chunk": 0}, r"runtime\.induction\.classes_per_chunk=0 is out of range"),
 ])
 def test_settings_are_checked_before_any_trial(tmp_path, mini_paths, override_, message):
     with pytest.raises(UserError, match=message):
@@ -118,7 +120,7 @@ def pretrained_induction(args) -> dict:
 
     spec = load_spec(SMOKE, {f"data.{setting}": path for setting, path in data.items()})
     config = override(spec.trials()[0], {
-        "threads": 1, "pretrain.label_set": label_set, "pretrain.num_classes": 40, "pretrain.images_per_class": 40,
+        "runtime.threads": 1, "pretrain.label_set": label_set, "pretrain.num_classes": 40, "pretrain.images_per_class": 40,
         "transfer.induction.enabled": True, "transfer.detection.epochs": 0, "transfer.action.epochs": 0,
         "transfer.scene.epochs": 0})
     with tempfile.TemporaryDirectory() as work:

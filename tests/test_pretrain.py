@@ -6,6 +6,7 @@ trains to the accuracy of the torchvision pipeline with the same seed; settings 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -18,8 +19,8 @@ from itl_ray.image_rows import ImageRows
 from itl_ray.images import short_side_for
 from itl_ray.models import AlexNet
 from itl_ray.prepare import PrepareSettings, prepare
-from itl_ray.pretrain import (ILSVRC2012_TRAIN_IMAGES, PretrainConfig, TrainStep, load_state, plan_schedule, pretrain,
-                              top1)
+from itl_ray.pretrain import (ILSVRC2012_TRAIN_IMAGES, PretrainConfig, PretrainRuntime, TrainStep, load_state,
+                              plan_schedule, pretrain, top1)
 from itl_ray.shards import Prepared
 
 CPU = torch.device("cpu")
@@ -114,19 +115,20 @@ def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(image
     train, val = split(imagenet, 10)  # 400 images: 13 batches of 32 per epoch
     # 30 iterations (2.3 epochs), the rate drops after 12 and 24; decoded every epoch by 2 threads;
     # dropout is on.
-    config = PretrainConfig(iterations=30, lr_step_iterations=12, batch_size=32, lr=0.02, cache_gib=0.0, workers=2,
+    config = PretrainConfig(iterations=30, lr_step_iterations=12, batch_size=32, lr=0.02,
                             checkpoint_every=checkpoint_every, curve_every=5)
-    whole, straight, straight_curves = run(0, train, val, config, tmp_path / "whole.pt")
+    runtime = PretrainRuntime(cache_gib=0.0, workers=2)
+    whole, straight, straight_curves = run(0, train, val, config, tmp_path / "whole.pt", runtime=runtime)
 
     def kill(iteration):
         if iteration == killed_after:
             raise Killed
 
     with pytest.raises(Killed):
-        run(0, train, val, config, tmp_path / "resumed.pt", on_checkpoint=kill)
+        run(0, train, val, config, tmp_path / "resumed.pt", on_checkpoint=kill, runtime=runtime)
     torch.manual_seed(123)  # whatever happened to the global generator since, the checkpoint restores it
     lines = []
-    resumed, result, curves = run(7, train, val, config, tmp_path / "resumed.pt", log=lines.append)
+    resumed, result, curves = run(7, train, val, config, tmp_path / "resumed.pt", log=lines.append, runtime=runtime)
     assert any(f"resumed after iteration {killed_after}" in line for line in lines)
     assert result == straight
     expected = weights(whole)
@@ -134,7 +136,7 @@ def test_resumed_pretraining_ends_with_the_weights_of_an_uninterrupted_run(image
     # The resumed run's curves continue the uninterrupted run's, value for value.
     assert curves == [(step, m) for step, m in straight_curves if step > killed_after]
     saved = load_state(tmp_path / "resumed.pt", "checkpoint")
-    assert saved["iteration"] == 30 and saved["config"]["cache_gib"] == 0.0 and "torch_rng" in saved
+    assert saved["iteration"] == 30 and saved["config"]["lr_step_iterations"] == 12 and "torch_rng" in saved
 
 
 def test_curves_and_checkpoints_follow_the_iterations(imagenet, tmp_path):
@@ -196,8 +198,9 @@ def test_fast_pipeline_trains_to_the_accuracy_of_the_torchvision_pipeline(imagen
     for pipeline in ("fast", "torchvision"):
         torch.manual_seed(0)
         model = AlexNet(20, width=0.25, resolution=64, init="kaiming")  # the demo's (sweeps/smoke.yaml)
-        config = replace(DEMO, pipeline=pipeline, cache_gib=0.0, workers=2)
-        result = pretrain(model, train, val, config, CPU, 0, tmp_path / f"{pipeline}.pt", log=lambda line: None)
+        config = replace(DEMO, pipeline=pipeline)
+        result = pretrain(model, train, val, config, CPU, 0, tmp_path / f"{pipeline}.pt", log=lambda line: None,
+                          runtime=PretrainRuntime(cache_gib=0.0, workers=2))
         accuracy[pipeline] = result["pretrain_top1"]
     chance = 100 / 20
     assert min(accuracy.values()) > 4 * chance, accuracy
@@ -211,26 +214,39 @@ def test_random_initialisation_is_near_chance(imagenet):
     assert 0.0 <= accuracy < 0.2
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("schedule", "steps", "schedule must be one of iterations, epochs, got 'steps'"),
-    ("subset_schedule", "equal", "subset_schedule must be one of same_iterations, same_epochs, scaled, got 'equal'"),
-    ("subset_power", 1.5, "subset_power must be between 0 and 1, got 1.5"),
-    ("iterations", 0, "iterations must be >= 1, got 0"),
-    ("checkpoint_every", 0, "checkpoint_every must be >= 1"),
-    ("lr", -0.01, "lr must be >= 0, got -0.01"),
-    ("pipeline", "dali", "pipeline must be one of fast, torchvision, got 'dali'"),
-    ("augment", "mixup", "augment must be one of crop, random_resized_crop, got 'mixup'"),
-    ("precision", "fp16", "precision must be one of auto, bf16, fp32, got 'fp16'"),
-    ("compile", "yes", "compile must be one of auto, on, off, got 'yes'"),
-    ("channels_last", "true", "channels_last must be one of auto, on, off"),
-    ("cpu_decode_share", 1.5, "cpu_decode_share must be between 0 and 1, got 1.5"),
-    ("workers", -1, "workers must be >= 0"),
-    ("cache_gib", -2.0, "cache_gib must be >= 0"),
-    ("prefetch", 0, "prefetch must be >= 1"),
+@pytest.mark.parametrize("section, key, value, message", [
+    ("pretrain", "schedule", "steps", "schedule='steps' is not one of the choices: iterations, epochs"),
+    ("pretrain", "subset_schedule", "equal",
+     "subset_schedule='equal' is not one of the choices: same_iterations, same_epochs, scaled"),
+    ("pretrain", "subset_power", 1.5, "subset_power=1.5 is out of range; allowed: >= 0 and <= 1"),
+    ("pretrain", "iterations", 0, "iterations=0 is out of range; allowed: >= 1"),
+    ("pretrain", "lr_step_iterations", 0, "lr_step_iterations=0 is out of range; allowed: >= 1"),
+    ("pretrain", "checkpoint_every", 0, "checkpoint_every=0 is out of range; allowed: >= 1"),
+    ("pretrain", "curve_every", 0, "curve_every=0 is out of range; allowed: >= 1"),
+    ("pretrain", "pipeline", "dali", "pipeline='dali' is not one of the choices: fast, torchvision"),
+    ("pretrain", "augment", "mixup", "augment='mixup' is not one of the choices: crop, random_resized_crop"),
+    ("pretrain", "precision", "fp16", "precision='fp16' is not one of the choices: auto, bf16, fp32"),
+    ("pretrain", "lr", -0.01, "lr=-0.01 is out of range; allowed: > 0"),
+    ("pretrain", "momentum", 1.0, "momentum=1.0 is out of range; allowed: >= 0 and < 1"),
+    ("pretrain", "weight_decay", -5e-4, "weight_decay=-0.0005 is out of range; allowed: >= 0"),
+    ("pretrain", "num_classes", 0, "num_classes=0 is out of range; allowed: >= 1"),
+    ("pretrain", "shortfall", "skip", "shortfall='skip' is not one of the choices: take_all, error"),
+    ("runtime.pretrain", "compile", "yes", "compile='yes' is not one of the choices: auto, on, off"),
+    ("runtime.pretrain", "channels_last", "true", "channels_last='true' is not one of the choices: auto, on, off"),
+    ("runtime.pretrain", "cpu_decode_share", 1.5, "cpu_decode_share=1.5 is out of range; allowed: >= 0 and <= 1"),
+    ("runtime.pretrain", "workers", -1, "workers=-1 is out of range; allowed: >= 0"),
+    ("runtime.pretrain", "cache_gib", -2.0, "cache_gib=-2.0 is out of range; allowed: >= 0"),
+    ("runtime.pretrain", "prefetch", 0, "prefetch=0 is out of range; allowed: >= 1"),
 ])
-def test_settings_name_bad_values(key, value, message):
-    with pytest.raises(UserError, match=f"pretrain.{message}"):
-        replace(PretrainConfig(), **{key: value}).validate("pretrain")
+def test_settings_name_bad_values(section, key, value, message):
+    """Bounds and choices are declared on the fields of PretrainConfig and PretrainRuntime; the
+    config's validator names them."""
+    from itl_ray.config import validate
+
+    kind = PretrainConfig if section == "pretrain" else PretrainRuntime
+    assert validate(kind(), section) == kind()
+    with pytest.raises(UserError, match=re.escape(f"{section}.{message}")):
+        validate(replace(kind(), **{key: value}), section)
 
 
 def test_a_failing_compiler_falls_back_to_eager(monkeypatch):

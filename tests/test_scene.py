@@ -26,7 +26,7 @@ from itl_ray.metrics import mean_per_class_accuracy
 from itl_ray.models import AlexNet
 from itl_ray.prepare import prepare
 from itl_ray.shards import Prepared
-from itl_ray.transfer.scene import SceneConfig, evaluate_scene
+from itl_ray.transfer.scene import SceneConfig, SceneRuntime, evaluate_scene
 from tests.conftest import tiny_spec
 from tests.test_cli import assert_one_line_error, itl_ray
 
@@ -72,12 +72,12 @@ def constructed_partition(partition: int, train_per_scene: int = 8, test_per_sce
                      [f"x/{partition}/{i}.jpg" for i in range(len(test_labels))])
 
 
-def scene(data, config, seed=0):
+def scene(data, config, seed=0, runtime=SceneRuntime()):
     torch.manual_seed(0)
     backbone = AlexNet(num_classes=10, width=0.125, resolution=48, init="kaiming")
     curves = []
     output = evaluate_scene(backbone, data, config, CPU, seed=seed, log=lambda line: None,
-                            curve=lambda metrics, step: curves.append((step, metrics)))
+                            curve=lambda metrics, step: curves.append((step, metrics)), runtime=runtime)
     return output, curves
 
 
@@ -121,8 +121,8 @@ def test_several_partitions_give_the_mean_and_standard_deviation():
 def test_images_stream_batch_by_batch():
     """Without a cache, no read asks for more than one batch, and the squares are load_squares'."""
     data = constructed_partition(1)
-    config = SceneConfig(epochs=2, batch_size=8, lr=0.003, cache_gib=0.0)
-    scene([data], config)
+    config = SceneConfig(epochs=2, batch_size=8, lr=0.003)
+    scene([data], config, runtime=SceneRuntime(cache_gib=0.0))
     assert data.images.reads and max(data.images.reads) <= 256  # training batches of 8, test batches of 256
     assert max(data.images.reads[: 2 * 3]) <= 8
     rows = data.train_rows
@@ -165,7 +165,7 @@ def test_the_reader_warns_about_partitions_unlike_the_releases(raw_paths):
 
 
 def test_partitions_are_checked_before_any_trial(tmp_path, mini, mini_paths):
-    with pytest.raises(UserError, match=r"transfer.scene.partitions\[1\]=11: SUN397 has the official partitions 1..10"):
+    with pytest.raises(UserError, match=r"transfer\.scene\.partitions\[1\]=11 is out of range; allowed: >= 1 and <= 10"):
         load_spec(tiny_spec(tmp_path / "s.yaml", mini_paths), {"transfer.scene.partitions": [1, 11]})
     with pytest.raises(UserError, match="partitions lists a partition twice"):
         load_spec(tiny_spec(tmp_path / "s.yaml", mini_paths), {"transfer.scene.partitions": [2, 2]})
@@ -200,3 +200,10 @@ def test_the_trial_writes_the_predictions(tmp_path, mini_paths):
                                      [scenes.index(s) for s in table["label"]])
     assert 100 * pooled == pytest.approx(final["sun397_acc"], abs=1e-9)
     assert final["sun397_acc"] == pytest.approx((final["sun397_acc/partition_02"] + final["sun397_acc/partition_05"]) / 2)
+
+
+def test_a_partition_that_was_not_prepared_is_a_user_error(mini_paths):
+    data = Prepared(mini_paths["sun397"], "sun397")
+    with pytest.raises(UserError, match=r"SUN397 partition 11 does not exist: transfer\.scene\.partitions takes "
+                                        r"1\.\.10"):
+        scene_data(data, 11)

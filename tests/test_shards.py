@@ -119,3 +119,63 @@ def test_folders_that_are_not_prepared_datasets_are_one_line_errors(tmp_path):
     info.write_text(json.dumps({"format_version": FORMAT_VERSION + 1, "kind": "voc2007"}))
     with pytest.raises(UserError, match="was prepared by another itl_ray version; prepare it again"):
         Prepared(tmp_path / "voc", "voc2007")
+
+
+def test_verify_accepts_a_sound_folder(tmp_path):
+    prepared_folder(tmp_path / "prepared")
+    data = Prepared(tmp_path / "prepared", "imagenet", "data.imagenet")
+    assert data.verify() is data
+
+
+def damage(folder, what: str) -> None:
+    """One kind of damage to the prepared folder ``prepared_folder`` wrote."""
+    shard = shard_path(folder, 1)
+    if what == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif what == "missing shard":
+        shard.unlink()
+    elif what == "shard with other rows":
+        write_shard(shard, shard_columns([5, 6], payloads(2, seed=5)), skipped=[])
+    elif what == "shard of another size":
+        info = json.loads((folder / INFO).read_text())
+        sizes = [shard_path(folder, index).stat().st_size for index in range(2)]
+        (folder / INFO).write_text(json.dumps({**info, "shards": 2, "shard_bytes": [sizes[0], sizes[1] + 8]}))
+    elif what == "not a shard":
+        pq.write_table(pa.table({"item": [5, 6, 7]}), shard)
+    elif what == "missing manifest":
+        (folder / MANIFEST).unlink()
+    elif what == "truncated manifest":
+        manifest = folder / MANIFEST
+        manifest.write_bytes(manifest.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("what, message", [
+    ("truncated shard", r"shards/shard-00001\.arrow is not a readable Arrow file \(.*\); prepare the dataset again "
+                        r"\(`itl-ray prepare imagenet ROOT OUT`, OUT a new folder\) and point data\.imagenet at it"),
+    ("missing shard", r"shards/shard-00001\.arrow is missing; prepare the dataset again"),
+    ("shard with other rows", r"shards/shard-00001\.arrow holds 2 images, the manifest lists 3"),
+    ("shard of another size", r"shards/shard-00001\.arrow has [\d,]+ bytes, [\d,]+ when it was prepared"),
+    ("not a shard", r"shards/shard-00001\.arrow is not a readable Arrow file"),
+    ("missing manifest", r"manifest\.parquet is missing; prepare the dataset again"),
+    ("truncated manifest", r"manifest\.parquet is not a readable Parquet file"),
+])
+def test_a_damaged_folder_is_named_with_its_file(tmp_path, what, message):
+    """Cheap checks (footers, schemas, row counts, sizes), one line naming the setting and the file."""
+    folder = tmp_path / "prepared"
+    prepared_folder(folder)
+    damage(folder, what)
+    with pytest.raises(UserError, match=r"^data\.imagenet=.*prepared: " + message):
+        Prepared(folder, "imagenet", "data.imagenet").verify()
+
+
+def test_a_prepared_folder_records_its_content_hash_and_shard_sizes(mini_paths):
+    from itl_ray.shards import manifest_hash
+
+    for setting, kind in (("voc2012", "voc2012-action"), ("sun397", "sun397")):
+        data = Prepared(mini_paths[setting], kind).verify()
+        assert data.info["shard_bytes"] == [shard_path(data.folder, index).stat().st_size
+                                            for index in range(data.info["shards"])]
+        assert data.content_hash == data.info["content_hash"] == manifest_hash(data.manifest, data.info)
+        assert len(data.content_hash) == 16
+    assert Prepared(mini_paths["voc2012"], "voc2012-action").content_hash != \
+        Prepared(mini_paths["sun397"], "sun397").content_hash

@@ -5,9 +5,10 @@ area-under-curve AP)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
+from itl_ray.bounds import Ge
 
 from itl_ray import metrics
 from itl_ray.datasets.voc import ACTION_CLASSES, VocImage
@@ -21,13 +22,7 @@ from itl_ray.transfer.finetune import FinetuneConfig, finetune, predict
 class ActionConfig(FinetuneConfig):
     """Fine-tuning settings for VOC 2012 actions."""
 
-    context: float = 1.2  # the person box is enlarged by this factor around its centre
-
-    def validate(self, path: str) -> None:
-        """``FinetuneConfig.validate``, and ``context`` at least 1 (UserError naming ``path.context``)."""
-        super().validate(path)
-        if self.context < 1.0:
-            raise UserError(f"{path}.context must be >= 1.0")
+    context: Annotated[float, Ge(1)] = 1.2  # the person box is enlarged by this factor around its centre
 
 
 def person_crops(images: list[VocImage], size: int, context: float) -> tuple[torch.Tensor, torch.Tensor]:

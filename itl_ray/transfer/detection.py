@@ -54,9 +54,11 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval, MinLen
 from torch import nn
 from torchvision.ops import nms, roi_align
 
@@ -74,6 +76,9 @@ CONV5_STRIDE = 16
 # coordinate 16j + 8, so regions are shifted by this many pixels to line up with the cells.
 CONV5_OFFSET = 17.5 - 8.0
 
+Fraction = Annotated[float, Interval(ge=0, le=1)]  # a probability, an IoU or a share, 0..1
+Positive = Annotated[float, Gt(0)]
+
 
 @dataclass(frozen=True)
 class DetectionConfig:
@@ -84,100 +89,85 @@ class DetectionConfig:
     # Shorter image side after scaling, px. Fast R-CNN scales VOC's ~500x375 images to 600 (2.6x
     # its 227 px pretraining input); the mini-benchmark's images (shorter side 112..144 px) stay
     # near their size: larger helps a little (objects span more conv5 cells) and costs conv time.
-    image_size: int = 128
+    image_size: Annotated[int, Ge(1)] = 128
     # Longer side cap, px: an elongated image is scaled down further so it fits (Fast R-CNN: 1000
     # for 600).
-    max_size: int = 213
+    max_size: Annotated[int, Ge(1)] = 213
     # Passes over trainval. Fast R-CNN: 40k + 10k iterations of 2 images, about 20 passes over
     # the 5011 trainval images; short here to stay cheap on CPU (one pass over 250 images of
     # ~140 px takes about 4.5 s on one thread at width 0.25).
-    epochs: int = 4
+    epochs: Annotated[int, Ge(0)] = 4
     # Images per SGD step (Fast R-CNN: 2; all regions of a step come from these images).
-    batch_size: int = 2
+    batch_size: Annotated[int, Ge(1)] = 2
     # Learning rate of the pretrained layers. Fast R-CNN used 0.001 for 40k iterations; with a
     # few hundred iterations here the step must be larger.
-    lr: float = 0.01
+    lr: Annotated[float, Gt(0)] = 0.01
     # Learning rate multiplier of conv1..conv5; 1.0 fine-tunes every layer alike, as the study
     # did. With only a few hundred steps a smaller value keeps more of what pretraining taught the
     # convolutions: on the mini-benchmark (sweeps/smoke.yaml uses 0.1), a backbone pretrained on
     # 10 classes x 40 images scored 3.6 mAP against 0.7 for random initialisation at 0.1, where
     # 1.0 gave 0.1 and 0.3, and frozen convolutions (0.0) 2.0 and 1.4.
-    conv_lr_scale: float = 1.0
+    conv_lr_scale: Annotated[float, Ge(0)] = 1.0
     # The learning rate is divided by 10 after this fraction of the epochs (Fast R-CNN: 40k of
     # 50k iterations).
-    lr_drop_at: float = 0.75
+    lr_drop_at: Fraction = 0.75
     # SGD momentum and L2 weight decay, Caffe's AlexNet and Fast R-CNN values.
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 5e-4
     # Sampled regions per training image (Fast R-CNN: 128 per minibatch of 2 images).
-    rois_per_image: int = 64
+    rois_per_image: Annotated[int, Ge(1)] = 64
     # Largest fraction of the sampled regions that are foreground (Fast R-CNN: 0.25).
-    fg_fraction: float = 0.25
+    fg_fraction: Fraction = 0.25
     # IoU with a ground-truth box from which a region is foreground (Fast R-CNN: 0.5).
-    fg_iou: float = 0.5
+    fg_iou: Fraction = 0.5
     # Background regions have a best IoU in [bg_iou_low, bg_iou_high) (Fast R-CNN: [0.1, 0.5)):
     # the lower bound is a heuristic hard-negative mining, regions near objects teach more.
-    bg_iou_low: float = 0.1
-    bg_iou_high: float = 0.5
+    bg_iou_low: Fraction = 0.1
+    bg_iou_high: Fraction = 0.5
     # Random horizontal flip of each training image, probability (Fast R-CNN trains on trainval
     # plus its mirror images).
-    flip_probability: float = 0.5
+    flip_probability: Fraction = 0.5
     # Sliding-window proposals (in place of Selective Search): window sides as fractions of the
     # image's shorter side, from small objects to nearly the whole image; consecutive sizes
     # differ by ~1.5x so an object between two sizes still overlaps one of them by IoU ~0.65.
     # (For real VOC images add smaller sizes: VOC has many objects under a quarter of the image.)
-    window_sizes: tuple[float, ...] = (0.25, 0.4, 0.6, 0.85)
+    window_sizes: Annotated[tuple[Annotated[float, Interval(gt=0, le=1)], ...], MinLen(1)] = (0.25, 0.4, 0.6, 0.85)
     # Window aspect ratios, width / height (VOC objects range from tall people to long trains).
-    window_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    window_ratios: Annotated[tuple[Annotated[float, Gt(0)], ...], MinLen(1)] = (0.5, 1.0, 2.0)
     # Step between neighbouring windows as a fraction of the window's extent in that direction.
     # At 0.5 about 99% of objects within the listed sizes and ratios have a window with IoU >= 0.5
     # (the worst about 0.45; box regression corrects the rest) from ~330 windows per 128x170
     # image; 1/3 lifts the worst to 0.53 but doubles the windows every test image must score.
-    window_stride: float = 0.5
+    window_stride: Annotated[float, Gt(0)] = 0.5
     # Standard deviations the box regression targets are divided by (Fast R-CNN's
     # BBOX_NORMALIZE_STDS), so the four targets weigh about the same in the loss.
-    box_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    box_target_stds: tuple[Positive, Positive, Positive, Positive] = (0.1, 0.1, 0.2, 0.2)
     # Test: a class's detection is kept from this softmax score on (low: AP rewards recall, and
     # low-scored detections come last in the ranking, so they can only add to AP).
-    score_threshold: float = 0.01
+    score_threshold: Fraction = 0.01
     # Test: non-maximum suppression IoU per class (Fast R-CNN: 0.3).
-    nms_iou: float = 0.3
+    nms_iou: Fraction = 0.3
     # Test: at most this many detections per image over all classes (Fast R-CNN: 100).
-    max_detections: int = 100
-    # Test: images per forward pass (no gradients; larger only uses more memory).
-    test_batch_size: int = 8
+    max_detections: Annotated[int, Ge(1)] = 100
 
-    def validate(self, path: str) -> None:
-        """Raise a UserError naming ``path.<field>`` for a value the task cannot run with (the
-        config loader calls this with the field's place in the spec; ``evaluate_detection`` too)."""
-        positive = ("image_size", "max_size", "batch_size", "rois_per_image", "max_detections", "test_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{path}.{name} must be at least 1, got {getattr(self, name)}")
+    def check(self) -> None:
+        """The rules between fields (bounds and choices are declared on the fields): ValueError
+        naming the fields."""
         if self.max_size < self.image_size:
-            raise UserError(f"{path}.max_size ({self.max_size}) must be at least image_size ({self.image_size})")
-        if self.epochs < 0:
-            raise UserError(f"{path}.epochs must be 0 or more, got {self.epochs}")
-        for name in ("lr", "window_stride"):
-            if not getattr(self, name) > 0:
-                raise UserError(f"{path}.{name} must be positive, got {getattr(self, name)}")
-        if self.conv_lr_scale < 0:
-            raise UserError(f"{path}.conv_lr_scale must be 0 or more, got {self.conv_lr_scale}")
-        if self.weight_decay < 0:
-            raise UserError(f"{path}.weight_decay must be 0 or more, got {self.weight_decay}")
-        fractions = ("lr_drop_at", "momentum", "fg_fraction", "fg_iou", "flip_probability", "nms_iou", "score_threshold")
-        for name in fractions:
-            if not 0 <= getattr(self, name) <= 1:
-                raise UserError(f"{path}.{name} must be in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.bg_iou_low < self.bg_iou_high <= 1:
-            raise UserError(f"{path}.bg_iou_low ({self.bg_iou_low}) must be below bg_iou_high "
-                            f"({self.bg_iou_high}), both in [0, 1]")
-        if not self.window_sizes or any(not 0 < size <= 1 for size in self.window_sizes):
-            raise UserError(f"{path}.window_sizes must be fractions in (0, 1], got {self.window_sizes}")
-        if not self.window_ratios or any(ratio <= 0 for ratio in self.window_ratios):
-            raise UserError(f"{path}.window_ratios must be positive, got {self.window_ratios}")
-        if len(self.box_target_stds) != 4 or any(std <= 0 for std in self.box_target_stds):
-            raise UserError(f"{path}.box_target_stds must be 4 positive numbers, got {self.box_target_stds}")
+            raise ValueError(f"max_size ({self.max_size}) must be at least image_size ({self.image_size})")
+        if not self.bg_iou_low < self.bg_iou_high:
+            raise ValueError(f"bg_iou_low ({self.bg_iou_low:g}) must be below bg_iou_high ({self.bg_iou_high:g})")
+
+
+@dataclass(frozen=True)
+class DetectionRuntime:
+    """How fast detection runs, not what it computes (the trial config's ``runtime.detection``; not
+    part of ``trial_id``)."""
+
+    # Test images per forward pass (no gradients; larger uses more memory). A batch is padded at
+    # the bottom and right to its largest image with the mean colour (as Fast R-CNN pads), so only
+    # regions at an image's padded edges can score differently with another batch size.
+    test_batch_size: Annotated[int, Ge(1)] = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,12 +484,12 @@ def _train(model: FastRCNN, images: list[_Image], proposals: _Proposals, config:
 
 @torch.no_grad()
 def _detect(model: FastRCNN, images: list[_Image], proposals: _Proposals, config: DetectionConfig,
-            device: torch.device) -> dict[int, list[tuple[str, float, tuple[float, float, float, float]]]]:
+            device: torch.device, batch_size: int) -> dict[int, list[tuple[str, float, tuple[float, float, float, float]]]]:
     """Detections per class index (1..C): (image id, score, box in original VOC coordinates)."""
     model.eval()
     detections: dict[int, list] = {label: [] for label in range(1, model.num_classes + 1)}
-    for first in range(0, len(images), config.test_batch_size):
-        batch = images[first : first + config.test_batch_size]
+    for first in range(0, len(images), batch_size):
+        batch = images[first : first + batch_size]
         windows = [proposals(image.pixels.shape[1], image.pixels.shape[2]) for image in batch]
         rois = torch.cat([torch.cat((torch.full((len(boxes), 1), float(index)), boxes), dim=1)
                           for index, boxes in enumerate(windows)])
@@ -559,15 +549,16 @@ def evaluate_detection(
     device: torch.device,
     seed: int,
     log=print,
+    runtime: DetectionRuntime = DetectionRuntime(),
 ) -> dict[str, float]:
     """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``trainval`` and measure it on
     ``test``. Returns percent: ``voc07_det_map`` and ``voc07_det_ap_<class>`` for each VOC class
-    that has a non-difficult object in ``test`` (the others are logged and left out).
+    that has a non-difficult object in ``test`` (the others are logged and left out). ``runtime``:
+    how fast, not what (``DetectionRuntime``).
 
     The caller's backbone is not modified. Runs are deterministic for a seed on CPU: every random
     draw comes from ``seed`` (global RNG state, which dropout uses, is restored afterwards).
     """
-    config.validate("detection")
     if not trainval:
         raise UserError("the VOC 2007 trainval split is empty: the detector has nothing to train on")
     if not test:
@@ -586,7 +577,7 @@ def evaluate_detection(
         generator = torch.Generator().manual_seed(seed)
         model = FastRCNN(copy.deepcopy(backbone), len(VOC_CLASSES), generator).to(device)
         _train(model, train_images, proposals, config, generator, device, log)
-        detections = _detect(model, test_images, proposals, config, device)
+        detections = _detect(model, test_images, proposals, config, device, runtime.test_batch_size)
 
     metrics: dict[str, float] = {}
     aps = []

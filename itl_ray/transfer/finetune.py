@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge, Gt, Interval
 
-from itl_ray.errors import UserError
 from itl_ray.images import center_crops, normalize, random_crops
 from itl_ray.models import AlexNet, parameter_groups
 
@@ -31,24 +31,14 @@ class FinetuneConfig:
     the pretrained layers' weights (biases twice that), ten times to the new fc8, divided by 10
     every ``lr_drop_every`` epochs."""
 
-    epochs: int = 30
-    batch_size: int = 64  # images per SGD step
-    lr: float = 0.001  # pretrained layers' weights; biases 2x, the new fc8 10x (its bias 20x)
-    lr_drop_every: int = 20  # epochs; divided by 10
-    momentum: float = 0.9
-    weight_decay: float = 5e-4  # on weights; biases are not decayed
-
-    def validate(self, path: str) -> None:
-        """Raise UserError naming ``path.<field>`` for a count below 1 (epochs: below 0) or a
-        negative rate, momentum or decay."""
-        for key in ("batch_size", "lr_drop_every"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{path}.{key} must be >= 1")
-        if self.epochs < 0:
-            raise UserError(f"{path}.epochs must be >= 0")
-        for key in ("lr", "momentum", "weight_decay"):
-            if getattr(self, key) < 0:
-                raise UserError(f"{path}.{key} must be >= 0, got {getattr(self, key)}")
+    # Passes over the training images; 0 keeps the pretrained layers as they are and trains nothing
+    # (the new fc8 stays at its initialisation: for checks that skip fine-tuning).
+    epochs: Annotated[int, Ge(0)] = 30
+    batch_size: Annotated[int, Ge(1)] = 64  # images per SGD step
+    lr: Annotated[float, Gt(0)] = 0.001  # pretrained layers' weights; biases 2x, the new fc8 10x (its bias 20x)
+    lr_drop_every: Annotated[int, Ge(1)] = 20  # epochs; divided by 10
+    momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Ge(0)] = 5e-4  # on weights; biases are not decayed
 
 
 def finetune(

@@ -38,11 +38,12 @@ in float32 (100 x 100 x 4096 x 4 = 164 MB). Peak about 1 GB beside the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from itl_ray.bounds import Ge
 
 from itl_ray import subsets
 from itl_ray.errors import UserError
@@ -58,20 +59,24 @@ class InductionConfig:
     """Induction accuracy (module docstring): off unless ``enabled``."""
 
     enabled: bool = False
-    train_per_class: int = 100  # training images per fine class in the nearest-neighbour memory
-    k: int = 1  # nearest training images per class whose mean similarity scores the class
-    # Speed and memory only: images per forward pass, and classes per chunk of similarities.
-    batch_size: int = 256
-    classes_per_chunk: int = 100
+    # Training images per fine class in the nearest-neighbour memory.
+    train_per_class: Annotated[int, Ge(1)] = 100
+    k: Annotated[int, Ge(1)] = 1  # nearest training images per class whose mean similarity scores the class
 
-    def validate(self, path: str) -> None:
-        """UserError naming ``path.<field>`` for a count below 1, or ``k`` above ``train_per_class``."""
-        for key in ("train_per_class", "k", "batch_size", "classes_per_chunk"):
-            if getattr(self, key) < 1:
-                raise UserError(f"{path}.{key} must be >= 1, got {getattr(self, key)}")
+    def check(self) -> None:
+        """``k`` above ``train_per_class``: ValueError naming both."""
         if self.k > self.train_per_class:
-            raise UserError(f"{path}.k={self.k} is more than the {self.train_per_class} training images per class "
-                            f"({path}.train_per_class)")
+            raise ValueError(f"k={self.k} is more than the {self.train_per_class} training images per class "
+                             "(train_per_class)")
+
+
+@dataclass(frozen=True)
+class InductionRuntime:
+    """How fast induction runs, not what it computes (the trial config's ``runtime.induction``; not
+    part of ``trial_id``): features and similarities come out the same, to rounding, with any value."""
+
+    batch_size: Annotated[int, Ge(1)] = 256  # images per forward pass
+    classes_per_chunk: Annotated[int, Ge(1)] = 100  # classes per chunk of similarities (memory)
 
 
 @dataclass(frozen=True)
@@ -158,7 +163,8 @@ def ranked_classes(scores: torch.Tensor, top: int) -> torch.Tensor:
 
 def evaluate_induction(backbone: AlexNet, data: InductionData, config: InductionConfig, device: torch.device,
                        seed: int, log: Callable[[str], None] = print,
-                       curve: Callable[[dict[str, float], int], None] = lambda metrics, step: None) -> StageOutput:
+                       curve: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+                       runtime: InductionRuntime = InductionRuntime()) -> StageOutput:
     """Induction accuracy of ``backbone``'s fc7 features on ``data`` (module docstring): metrics
     ``induction_top1`` and ``induction_top5`` in percent of ``data``'s validation images; no
     per-image table and no curves. Nothing is drawn at random here (``seed`` chose the memory, in
@@ -183,7 +189,7 @@ def evaluate_induction(backbone: AlexNet, data: InductionData, config: Induction
         labels = torch.from_numpy(data.train_labels)
         with SquareImages(data.images, data.train_rows, side, threads) as train:
             progress = Progress("induction: fc7 of the memory", len(train), log=log)
-            for positions, features in fc7_features(backbone, train, device, config.batch_size, progress):
+            for positions, features in fc7_features(backbone, train, device, runtime.batch_size, progress):
                 where = torch.from_numpy(slot[positions.numpy()])
                 memory[labels[positions], where] = features.half()
                 valid[labels[positions], where] = True
@@ -192,8 +198,8 @@ def evaluate_induction(backbone: AlexNet, data: InductionData, config: Induction
         truth = torch.from_numpy(data.val_labels)
         with SquareImages(data.images, data.val_rows, side, threads) as val:
             progress = Progress("induction: nearest neighbours of the validation images", len(val), log=log)
-            for positions, features in fc7_features(backbone, val, device, config.batch_size, progress):
-                best = ranked_classes(class_scores(features, memory, valid, config.k, config.classes_per_chunk),
+            for positions, features in fc7_features(backbone, val, device, runtime.batch_size, progress):
+                best = ranked_classes(class_scores(features, memory, valid, config.k, runtime.classes_per_chunk),
                                       5).cpu()
                 expected = truth[positions][:, None]
                 top1 += int((best[:, :1] == expected).sum())

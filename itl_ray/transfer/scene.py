@@ -5,7 +5,7 @@ recognition rates), averaged over the partitions, with its standard deviation.
 
 Images stream from the prepared shards batch by batch (``images.SquareImages``): a partition of real
 SUN397 (19,850 training images at 256 px) would take 3.9 GB decoded; a set whose squares fit
-``cache_gib`` is decoded once instead.
+``runtime.scene.cache_gib`` is decoded once instead.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import statistics
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import pyarrow as pa
 import torch
+from itl_ray.bounds import Ge, Interval, MinLen
 
 from itl_ray import metrics
 from itl_ray.datasets.sun397 import PARTITIONS, SceneData, partition_name
@@ -34,25 +35,25 @@ class SceneConfig(FinetuneConfig):
     """Fine-tuning settings for SUN397, and the official partitions to run (1..10; the SUN397
     benchmark reports the mean and standard deviation over all ten)."""
 
-    partitions: tuple[int, ...] = (1,)  # official train/test partitions, each fine-tuned on its own
-    # Speed only: decoded squares of a partition's images are kept in memory when they fit this
-    # many GiB (the mini-benchmark's), else decoded batch by batch every epoch.
-    cache_gib: float = 1.0
+    # Official train/test partitions, each fine-tuned on its own (Partitions/Training_NN.txt,
+    # Testing_NN.txt).
+    partitions: Annotated[tuple[Annotated[int, Interval(ge=PARTITIONS[0], le=PARTITIONS[-1])], ...],
+                          MinLen(1)] = (1,)
 
-    def validate(self, path: str) -> None:
-        """``FinetuneConfig.validate``, and UserError naming ``path.partitions[i]`` for a partition
-        outside 1..10, a repeated one, or none."""
-        super().validate(path)
-        if not self.partitions:
-            raise UserError(f"{path}.partitions is empty: give one or more of the official partitions 1..10")
-        for index, partition in enumerate(self.partitions):
-            if partition not in PARTITIONS:
-                raise UserError(f"{path}.partitions[{index}]={partition}: SUN397 has the official partitions "
-                                "1..10")
+    def check(self) -> None:
+        """A partition listed twice: ValueError naming ``partitions``."""
         if len(set(self.partitions)) != len(self.partitions):
-            raise UserError(f"{path}.partitions lists a partition twice: {list(self.partitions)}")
-        if self.cache_gib < 0:
-            raise UserError(f"{path}.cache_gib must be >= 0, got {self.cache_gib}")
+            raise ValueError(f"partitions lists a partition twice: {list(self.partitions)}")
+
+
+@dataclass(frozen=True)
+class SceneRuntime:
+    """How fast the scene stage runs, not what it computes (the trial config's ``runtime.scene``;
+    not part of ``trial_id``)."""
+
+    # Decoded squares of a partition's images are kept in memory when they fit this many GiB (the
+    # mini-benchmark's), else decoded batch by batch every epoch: the same pixels either way.
+    cache_gib: Annotated[float, Ge(0)] = 1.0
 
 
 def partition_seed(seed: int, partition: int) -> int:
@@ -64,7 +65,8 @@ def partition_seed(seed: int, partition: int) -> int:
 
 def evaluate_scene(backbone: AlexNet, data: Sequence[SceneData], config: SceneConfig, device: torch.device,
                    seed: int, log: Callable[[str], None] = print,
-                   curve: Callable[[dict[str, float], int], None] = lambda metrics, step: None) -> StageOutput:
+                   curve: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+                   runtime: SceneRuntime = SceneRuntime()) -> StageOutput:
     """SUN-CLS on each partition of ``data`` (one ``SceneData`` per partition, from
     ``datasets.sun397.scene_data``): fine-tune a copy of ``backbone`` (a new fc8 with one output per
     scene, every layer trained: ``finetune``) on the partition's training images, classify its
@@ -93,7 +95,7 @@ def evaluate_scene(backbone: AlexNet, data: Sequence[SceneData], config: SceneCo
             raise UserError(f"SUN397 partition {partition.partition} has no training or no test images")
         index = {scene: i for i, scene in enumerate(partition.classes)}
         threads = max(1, torch.get_num_threads())
-        cache = int(config.cache_gib * 2**30)
+        cache = int(runtime.cache_gib * 2**30)
         with SquareImages(partition.images, partition.train_rows, size, threads, cache) as train, \
                 SquareImages(partition.images, partition.test_rows, size, threads, cache) as test:
             log(f"scene: partition {partition.partition}: {len(partition.classes)} scenes, {len(train):,} training "
