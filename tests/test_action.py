@@ -45,8 +45,10 @@ def persons(count: int, seed: int) -> list[VocImage]:
 
 
 def backbone() -> AlexNet:
+    """A small untrained AlexNet with He initialisation (the demo's, sweeps/smoke.yaml): Caffe's
+    Gaussians leave an untrained network's features nearly flat."""
     torch.manual_seed(0)
-    return AlexNet(num_classes=10, width=0.125, resolution=48)
+    return AlexNet(num_classes=10, width=0.125, resolution=48, init="kaiming")
 
 
 def test_person_crops_are_the_boxes_with_their_actions():
