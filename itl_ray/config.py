@@ -187,6 +187,7 @@ class SweepSpec:
     max_concurrent_trials: Annotated[int, Ge(0)] = 0  # 0: as many as the resources allow
     max_failures: Annotated[int, Ge(0)] = 1  # retries of a failed trial
     storage: Annotated[str, MinLen(1)] = "itl_runs/ray"  # Ray Tune's results and checkpoints
+    description: str = ""  # what the sweep is (its MLflow run's description); default: the spec's header comment
 
     def check(self) -> None:
         """The rules between fields (bounds are declared on the fields): ValueError naming them."""
@@ -680,6 +681,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
         else:
             set_dotted(raw, dotted, value)
     sweep_part = {key: raw.pop(key) for key in list(raw) if key in SWEEP_KEYS}
+    sweep_part.setdefault("description", header_comment(spec_path.read_text()))
     trial = from_dict(TrialConfig, raw)
     trial = dataclasses.replace(trial, data=_absolute_paths(trial.data))
     spec = from_dict(SweepSpec, {**sweep_part, "trial": to_dict(trial)})
@@ -692,6 +694,16 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     )
     spec.trials()  # validates every grid point and extra trial now, naming the bad one
     return spec
+
+
+def header_comment(text: str) -> str:
+    """The comment lines that open a YAML file, without their ``#``, joined by newlines."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].strip())
+    return "\n".join(lines).strip()
 
 
 def _absolute_paths(data: DataConfig) -> DataConfig:

@@ -334,6 +334,12 @@ def label_set(set_name: str, wnids: Sequence[str]) -> dict[str, str]:
     raise UserError(f"unknown label set {set_name!r}; known: {KNOWN_NAMES}")
 
 
+def label_set_tsv(mapping: dict[str, str]) -> str:
+    """A label set as TSV text: the header ``wnid<TAB>group_wnid``, then one row per class in
+    the mapping's order."""
+    return "wnid\tgroup_wnid\n" + "".join(f"{wnid}\t{group}\n" for wnid, group in mapping.items())
+
+
 def write_label_set(set_name: str, classes_file: str | None, out: str | None) -> None:
     """``itl-ray labels NAME [--classes FILE] [-o OUT.tsv]``: the label set as TSV.
 
@@ -344,8 +350,7 @@ def write_label_set(set_name: str, classes_file: str | None, out: str | None) ->
     and for an OUT that cannot be written (its folder missing or read-only), naming OUT.
     """
     wnids = read_classes_file(classes_file) if classes_file else ilsvrc2012.wnids()
-    groups = label_set(set_name, wnids)
-    text = "wnid\tgroup_wnid\n" + "".join(f"{wnid}\t{group}\n" for wnid, group in groups.items())
+    text = label_set_tsv(label_set(set_name, wnids))
     if out is None:
         sys.stdout.write(text)
         return

@@ -11,21 +11,41 @@ Average precision follows the PASCAL VOC development kit:
 - ``detection_ap``: the devkit's detection protocol for one class (greedy matching at IoU >= 0.5,
   ``difficult`` objects ignored, duplicates false positives).
 
-One deliberate difference from the devkit code: the eleven recall levels are the exact
-fractions k/10. The devkit builds them with ``0:0.1:1`` (MATLAB) or ``np.arange(0, 1.1, 0.1)``
-(its Python ports), where 3 * 0.1 is 0.30000000000000004, so a recall of exactly 0.3 (3 of 10
-positives found) does not reach that level there and does here. The two agree whenever no
-recall lands exactly on one of those levels.
+The eleven recall levels. VOC 2007's AP averages the precision at recall levels written
+``0:0.1:1`` in the devkit (``VOCevaldet.m``: ``for t=0:0.1:1; p=max(prec(rec>=t)); ...``), and a
+recall landing exactly on 0.3, 0.6 or 0.7 reaches the level or not depending on how the level was
+computed in floating point. ``ELEVEN_POINT_LEVELS`` holds three versions; ``levels=`` chooses:
+
+- ``"devkit"`` (the default): the values MATLAB's colon operator gives for ``0:0.1:1``, the
+  official devkit that Fast R-CNN's released code called (``lib/datasets/pascal_voc.py``,
+  ``_do_matlab_eval``) and so the study's kind of numbers. MATLAB builds a colon vector from both
+  ends to keep rounding symmetric: the first half as ``a + k*d``, the second half as
+  ``b - (n-k)*d``, the middle of an even count as ``(a+b)/2`` (MathWorks, ``colonop.m``, quoted in
+  MATLAB Answers "How does the COLON operator work?", 2012, whose example ``0:0.1:0.3`` against
+  ``0:0.1:0.4`` differing by -2.776e-17 and -5.551e-17 this construction reproduces exactly;
+  assumed: the devkit's ``for`` loop over ``0:0.1:1`` takes the values that vector holds). So
+  0.3 is ``3*0.1`` = 0.30000000000000004 (above 0.3), while 0.6 and 0.7 are ``1-4*0.1`` and
+  ``1-3*0.1``, exactly the doubles nearest 0.6 and 0.7. ``matlab_colon`` computes them.
+- ``"voc_eval"``: py-faster-rcnn's ``lib/datasets/voc_eval.py`` (``np.arange(0., 1.1, 0.1)``):
+  0.30000000000000004, 0.6000000000000001 and 0.7000000000000001, all above the decimal value.
+  (GNU Octave's ranges, ``base + k*increment``, give the same.)
+- ``"exact"``: the doubles nearest k/10.
+
+One image, 5 objects, 3 detections exactly on 3 of them (recall 0.6, precision 1): devkit 7/11,
+voc_eval 6/11, exact 7/11. Three of ten objects found (recall 0.3): devkit and voc_eval 3/11,
+exact 4/11. Whenever no recall lands exactly on a level all three agree.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torchvision
+
+if TYPE_CHECKING:  # torch is imported where boxes are compared, so the report's AP needs none of it
+    import torch
 
 # A box in VOC pixel coordinates: (xmin, ymin, xmax, ymax), both corners inclusive.
 Box = tuple[float, float, float, float]
@@ -42,33 +62,66 @@ FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"
 # top-1 and top-5 of the 1000 fine classes on fc7 features.
 INDUCTION_METRICS = ("induction_top1", "induction_top5")
 
-# The eleven recall levels of the VOC 2007 metric, as exact fractions (see the module docstring).
-ELEVEN_RECALL_LEVELS = tuple(level / 10 for level in range(11))
+
+
+def matlab_colon(start: float, step: float, stop: float) -> tuple[float, ...]:
+    """The values of MATLAB's ``start:step:stop`` for a positive ``step`` and a whole number of
+    steps, built as MATLAB builds them (see the module docstring): ``start + k*step`` for the
+    first half, ``stop - (n-k)*step`` for the second, ``(start+stop)/2`` in the middle of an even
+    count ``n``."""
+    count = round((stop - start) / step)
+    values = []
+    for k in range(count + 1):
+        if 2 * k < count:
+            values.append(start + k * step)
+        elif 2 * k == count:
+            values.append((start + stop) / 2)
+        else:
+            values.append(stop - (count - k) * step)
+    return tuple(values)
+
+
+# The eleven recall levels of the VOC 2007 metric, three ways (see the module docstring).
+ELEVEN_POINT_LEVELS: dict[str, tuple[float, ...]] = {
+    "devkit": matlab_colon(0.0, 0.1, 1.0),  # VOCevaldet.m's 0:0.1:1 in MATLAB
+    "voc_eval": tuple(float(level) for level in np.arange(0.0, 1.1, 0.1)),  # py-faster-rcnn voc_eval.py
+    "exact": tuple(level / 10 for level in range(11)),
+}
+DEFAULT_LEVELS = "devkit"
+
+
+def _levels(levels: str) -> tuple[float, ...]:
+    if levels not in ELEVEN_POINT_LEVELS:
+        raise ValueError(f"levels must be one of {', '.join(ELEVEN_POINT_LEVELS)}, got {levels!r}")
+    return ELEVEN_POINT_LEVELS[levels]
 
 
 def _array(values, dtype) -> np.ndarray:
     """A 1-d numpy array from a list, a numpy array or a (possibly GPU) tensor."""
-    if isinstance(values, torch.Tensor):
+    if hasattr(values, "detach"):  # a torch tensor, possibly on a GPU
         values = values.detach().cpu().numpy()
     return np.asarray(values, dtype=dtype).reshape(-1)
 
 
-def voc07_ap(recall, precision) -> float:
+def voc07_ap(recall, precision, levels: str = DEFAULT_LEVELS) -> float:
     """VOC 2007 11-point interpolated AP.
 
     ``recall`` and ``precision`` are the values after each entry of the ranking (recall
-    non-decreasing). At each level t in 0, 0.1, ..., 1 the interpolated precision is the best
-    precision reached at any recall >= t (0 when recall never reaches t); AP is their mean.
+    non-decreasing). At each level t of ``ELEVEN_POINT_LEVELS[levels]`` (0, 0.1, ..., 1 as the
+    official devkit computes them by default) the interpolated precision is the best precision
+    reached at any recall >= t (0 when recall never reaches t); AP is their mean. ValueError for
+    an unknown ``levels`` or lengths that differ.
     """
     recall = _array(recall, np.float64)
     precision = _array(precision, np.float64)
     if recall.shape != precision.shape:
         raise ValueError(f"recall has {recall.size} values, precision {precision.size}")
+    points = _levels(levels)
     total = 0.0
-    for level in ELEVEN_RECALL_LEVELS:
+    for level in points:
         reached = recall >= level
         total += float(precision[reached].max()) if reached.any() else 0.0
-    return total / len(ELEVEN_RECALL_LEVELS)
+    return total / len(points)
 
 
 def voc_area_ap(recall, precision) -> float:
@@ -90,7 +143,8 @@ def voc_area_ap(recall, precision) -> float:
     return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
 
 
-def _ap_from_ranking(is_true: np.ndarray, is_false: np.ndarray, positives: int, eleven_point: bool) -> float:
+def _ap_from_ranking(is_true: np.ndarray, is_false: np.ndarray, positives: int, eleven_point: bool,
+                     levels: str = DEFAULT_LEVELS) -> float:
     """AP of a ranking already sorted best first, given which entries count as true / false
     positives (an entry that is neither is ignored) and the number of positives to find."""
     if positives == 0:
@@ -103,7 +157,7 @@ def _ap_from_ranking(is_true: np.ndarray, is_false: np.ndarray, positives: int, 
     # counting it as 0 leaves every interpolated value unchanged.
     counted = true_positives + false_positives
     precision = np.divide(true_positives, counted, out=np.zeros_like(counted), where=counted > 0)
-    return voc07_ap(recall, precision) if eleven_point else voc_area_ap(recall, precision)
+    return voc07_ap(recall, precision, levels) if eleven_point else voc_area_ap(recall, precision)
 
 
 def _best_first(scores: np.ndarray) -> np.ndarray:
@@ -112,7 +166,7 @@ def _best_first(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def average_precision(scores, labels, *, eleven_point: bool, ignore=None) -> float:
+def average_precision(scores, labels, *, eleven_point: bool, ignore=None, levels: str = DEFAULT_LEVELS) -> float:
     """AP of a ranking: the entries sorted by ``scores`` (highest first), ``labels`` 1 for a
     positive and 0 for a negative.
 
@@ -134,7 +188,7 @@ def average_precision(scores, labels, *, eleven_point: bool, ignore=None) -> flo
     labels, ignored = labels[order], ignored[order]
     is_true = (labels == 1) & ~ignored
     is_false = (labels == 0) & ~ignored
-    return _ap_from_ranking(is_true, is_false, int(is_true.sum()), eleven_point)
+    return _ap_from_ranking(is_true, is_false, int(is_true.sum()), eleven_point, levels)
 
 
 def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
@@ -144,6 +198,8 @@ def box_iou(boxes: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
 
     ``torchvision.ops.box_iou`` measures a box as x2 - x1; the boxes are passed to it with one
     pixel added to x2 and y2."""
+    import torchvision
+
     extent = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
     return torchvision.ops.box_iou(boxes + extent, others + extent.to(others.dtype))
 
@@ -153,6 +209,7 @@ def detection_ap(
     ground_truth: Mapping[str, Sequence[GroundTruthObject]],
     iou_threshold: float = 0.5,
     eleven_point: bool = True,
+    levels: str = DEFAULT_LEVELS,
 ) -> float:
     """AP of one class's detections, the PASCAL VOC devkit's protocol (VOCevaldet).
 
@@ -168,6 +225,8 @@ def detection_ap(
     overlaps enough is still free. Difficult objects do not count among the positives.
     Returns NaN when the class has no non-difficult object (AP is undefined).
     """
+    import torch
+
     gt_boxes = {image_id: np.array([box for box, _ in objects], dtype=np.float64).reshape(-1, 4)
                 for image_id, objects in ground_truth.items()}
     gt_difficult = {image_id: np.array([difficult for _, difficult in objects], dtype=bool)
@@ -195,7 +254,7 @@ def detection_ap(
             gt_detected[image_id][best] = True
         else:
             is_false[rank] = True  # a second detection of an object already found
-    return _ap_from_ranking(is_true, is_false, positives, eleven_point)
+    return _ap_from_ranking(is_true, is_false, positives, eleven_point, levels)
 
 
 def mean_ap(aps: Iterable[float]) -> float:

@@ -41,11 +41,11 @@ import pyarrow.parquet as pq
 import scipy.sparse
 
 from itl_ray.datasets.voc import ACTION_CLASSES, VOC_CLASSES
+from itl_ray.metrics import DEFAULT_LEVELS, ELEVEN_POINT_LEVELS
 
-# The VOC 2007 metric's recall levels, exactly as ``itl_ray.metrics.ELEVEN_RECALL_LEVELS`` (a test
-# checks they are equal). Not imported from there: that module imports torch, which would double
-# the time of a report that needs none of it.
-ELEVEN_RECALL_LEVELS = tuple(level / 10 for level in range(11))
+# The VOC 2007 metric's recall levels, those the detection stage scores with by default (the
+# official devkit's; see ``itl_ray.metrics``).
+ELEVEN_RECALL_LEVELS = ELEVEN_POINT_LEVELS[DEFAULT_LEVELS]
 
 FOLDER = "per_image"  # in the trial's working folder and among its MLflow artifacts
 

@@ -20,7 +20,7 @@ import time
 from typing import Callable, TextIO
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     """``3725`` -> ``1h02m``, ``125`` -> ``2m05s``, ``9.5`` -> ``10s``."""
     seconds = max(0, int(round(seconds)))
     hours, rest = divmod(seconds, 3600)
@@ -63,9 +63,9 @@ class Progress:
             text += f"/{self.total:,}"
         text += f" {self.unit}, {rate:,.1f} {self.unit}/s"
         if self.total is not None and rate > 0 and self.done < self.total:
-            text += f", {_duration((self.total - self.done) / rate)} left"
+            text += f", {duration((self.total - self.done) / rate)} left"
         else:
-            text += f", {_duration(elapsed)}"
+            text += f", {duration(elapsed)}"
         return text
 
     def _show(self, final: bool = False) -> None:

@@ -6,13 +6,17 @@ A prepared folder (written by ``itl_ray.prepare``) holds::
                        hash (``content_hash``): written last, so its presence means complete
     plan.json          the same identity, written first: an interrupted preparation resumes from it
     manifest.parquet   one row per image: split, label, source path, boxes, sizes, checksum, shard, offset
-    report.json        images per split and class, skipped files and why
+    report.json        images per split and class, skipped files and why, annotation fixes,
+                       (VOC 2007) proposal counts and recall
     shards/shard-NNNNN.arrow   Arrow IPC files with columns item, jpeg, sizes, sha256
+    proposals/proposals-NNNNN.arrow   (VOC 2007) Selective Search boxes of shard NNNNN's images,
+                       row for row: columns item, sha256, boxes
 
 Every stored image is a baseline RGB JPEG (grayscale, CMYK and PNG sources are re-encoded), so
 one decoder (nvjpeg on a GPU, libjpeg on a CPU) reads all of them. Trials never copy images: a
 subset is a list of manifest rows, and ``Prepared.read`` fetches those rows' bytes from
-memory-mapped shards.
+memory-mapped shards. ``Prepared.proposals(row)`` gives a VOC 2007 image's Selective Search boxes
+(computed once by ``itl-ray prepare voc2007``, see ``itl_ray.proposals``), also memory-mapped.
 
 A folder's identity is its content, not its path: ``content_hash`` (16 hex digits) covers the
 format version, the kind, the stored size and JPEG quality, and every manifest column but the
@@ -44,6 +48,7 @@ FORMAT_VERSION = 1
 KINDS = ("imagenet", "voc2007", "voc2012-action", "sun397")
 INFO, PLAN, MANIFEST, REPORT, SHARDS = "PREPARED.json", "plan.json", "manifest.parquet", "report.json", "shards"
 LAYOUT_COLUMNS = ("shard", "offset")  # where a manifest row is stored, not what it holds
+PROPOSALS = "proposals"
 
 # Columns of a shard file; the manifest repeats all but ``jpeg`` and adds the item's metadata.
 SHARD_SCHEMA = pa.schema([
@@ -53,6 +58,18 @@ SHARD_SCHEMA = pa.schema([
     ("source_width", pa.int32()), ("source_height", pa.int32()),
     ("sha256", pa.string()),  # of the source file's bytes
 ])
+
+
+# Columns of a proposals file: one row per row of the image shard of the same number, in the same
+# order. ``sha256`` repeats the image's source checksum, so boxes are never read for another image.
+PROPOSALS_SCHEMA = pa.schema([
+    ("item", pa.int64()),  # the image's number in the validated plan
+    ("sha256", pa.string()),  # of the image's source file's bytes, as in the shard and manifest
+    # Four values per box, x1, y1, x2, y2: 0-based pixel indices of the stored image, both corners
+    # inclusive, best box first. uint16 holds every index of a JPEG (at most 65,535 px a side).
+    ("boxes", pa.list_(pa.uint16())),
+])
+RERUN_VOC2007 = "run `itl-ray prepare voc2007 ROOT OUT` again"
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -123,12 +140,14 @@ def _read_manifest(path: Path, where: str, again: str) -> pa.Table:
 
 def manifest_hash(manifest: pa.Table, info: dict) -> str:
     """The content hash of a prepared folder from its manifest and PREPARED.json (see the module
-    docstring): SHA-256 over the format version, kind, stored size and quality, then each manifest
+    docstring): SHA-256 over the format version, kind, stored size and quality (and VOC 2007's
+    proposal settings), then each manifest
     column but the layout ones, in name order; 16 hex digits."""
     digest = hashlib.sha256()
     settings = info.get("settings") or {}
     digest.update(json.dumps({"format_version": info.get("format_version"), "kind": info.get("kind"),
-                              "short_side": settings.get("short_side"), "quality": settings.get("quality")},
+                              "short_side": settings.get("short_side"), "quality": settings.get("quality"),
+                              **({"proposals": info["proposals"]} if info.get("proposals") else {})},
                              sort_keys=True).encode())
     for name in sorted(manifest.column_names):
         if name in LAYOUT_COLUMNS:
@@ -141,6 +160,38 @@ def manifest_hash(manifest: pa.Table, info: dict) -> str:
         else:
             digest.update(json.dumps(column.to_pylist()).encode())
     return digest.hexdigest()[:16]
+
+
+def proposals_path(folder: Path, index: int) -> Path:
+    """Path of the proposals of image shard ``index``: ``proposals/proposals-NNNNN.arrow``."""
+    return folder / PROPOSALS / f"proposals-{index:05d}.arrow"
+
+
+def write_proposals(path: Path, items: Sequence[int], sha256s: Sequence[str], boxes: Sequence[np.ndarray]) -> None:
+    """One proposals file (Arrow IPC, PROPOSALS_SCHEMA), written atomically: for each image of an
+    image shard, in its order, its plan item, source checksum and boxes (an integer array (K, 4)
+    of x1, y1, x2, y2, 0-based inclusive). ValueError for a box outside 0..65535 or not 4 wide."""
+    flat = []
+    for image_boxes in boxes:
+        array = np.asarray(image_boxes).reshape(-1, 4) if np.size(image_boxes) else np.zeros((0, 4), np.int64)
+        if array.size and (array.min() < 0 or array.max() > np.iinfo(np.uint16).max):
+            raise ValueError("proposal coordinates must lie in 0..65535")
+        flat.append(pa.array(array.astype(np.uint16).reshape(-1), type=pa.uint16()))
+    offsets = np.concatenate([[0], np.cumsum([len(values) for values in flat])]).astype(np.int32)
+    values = pa.concat_arrays(flat) if flat else pa.array([], type=pa.uint16())
+    table = pa.table({"item": pa.array(items, type=pa.int64()), "sha256": pa.array(sha256s, type=pa.string()),
+                      "boxes": pa.ListArray.from_arrays(pa.array(offsets), values)}, schema=PROPOSALS_SCHEMA)
+    with atomic_path(path) as temporary:
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, PROPOSALS_SCHEMA) as writer:
+            writer.write_table(table)
+
+
+def read_proposals(path: Path) -> pa.Table:
+    """A proposals file, memory-mapped. pyarrow's ArrowInvalid or OSError when it is not one."""
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    if not table.schema.equals(PROPOSALS_SCHEMA):
+        raise pa.ArrowInvalid(f"{path} does not have the proposals columns")
+    return table
 
 
 class Prepared:
@@ -158,6 +209,7 @@ class Prepared:
         self._shard = self.manifest.column("shard").to_numpy()
         self._offset = self.manifest.column("offset").to_numpy()
         self._jpegs: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (byte offsets, bytes)
+        self._boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (value offsets, uint16 values)
         self._lock = threading.Lock()  # decode threads read concurrently
 
     @functools.cached_property
@@ -235,6 +287,57 @@ class Prepared:
     def read(self, rows: Sequence[int]) -> list[bytes]:
         """The JPEG bytes of manifest ``rows``, in the order given."""
         return [view.tobytes() for view in self.views(rows)]
+
+    def _proposal_column(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """A proposals file's boxes as (offsets into the values, uint16 values), viewing the
+        memory-mapped file, after checking that it belongs to this manifest's images."""
+        with self._lock:
+            if shard in self._boxes:
+                return self._boxes[shard]
+            if "proposals" not in self.info:
+                raise UserError(f"{self.where} holds no Selective Search proposals (prepared before they were "
+                                f"stored); {RERUN_VOC2007}")
+            path = proposals_path(self.folder, shard)
+            try:
+                table = read_proposals(path)
+            except FileNotFoundError:
+                raise UserError(f"{self.where}: {path} is missing; {RERUN_VOC2007}") from None
+            except (pa.ArrowInvalid, OSError) as error:
+                raise UserError(f"{self.where}: {path} is not a readable proposals file ({error}); "
+                                f"{RERUN_VOC2007}") from None
+            rows = np.nonzero(self._shard == shard)[0]
+            offsets = self._offset[rows]
+            stored = table.column("sha256").to_pylist()
+            sums = self.manifest.column("sha256")
+            if len(rows) and (offsets.max() >= len(stored) or
+                              [stored[offset] for offset in offsets] != sums.take(pa.array(rows)).to_pylist()):
+                raise UserError(f"{self.where}: {path} holds the proposals of other images than the manifest's; "
+                                f"{RERUN_VOC2007}")
+            boxes = table.column("boxes")
+            array = boxes.chunk(0) if boxes.num_chunks == 1 else boxes.combine_chunks()
+            starts = array.offsets.to_numpy(zero_copy_only=False)
+            values = array.values.to_numpy(zero_copy_only=False)
+            self._boxes[shard] = (starts, values)
+            return self._boxes[shard]
+
+    def check_proposals(self) -> None:
+        """Check, before a trial needs them, that every image has its proposals: the same one-line
+        UserErrors as ``proposals`` (it opens each proposals file once, memory-mapped)."""
+        for shard in np.unique(self._shard):
+            self._proposal_column(int(shard))
+
+    def proposals(self, row: int) -> np.ndarray:
+        """The Selective Search proposals of manifest ``row`` (a prepared VOC 2007 image): float32
+        (K, 4), boxes (x1, y1, x2, y2) in 0-based pixel indices of the STORED image with both
+        corners inclusive, in Selective Search's order (best first), K <= 2000 (K may be 0 for a
+        tiny image). See ``itl_ray.proposals`` for how they were made.
+
+        Raises UserError (one line, saying to run `itl-ray prepare voc2007 ROOT OUT` again) for a
+        folder prepared without proposals, a missing or unreadable proposals file, or proposals of
+        other images than the manifest's."""
+        starts, values = self._proposal_column(int(self._shard[row]))
+        offset = int(self._offset[row])
+        return values[starts[offset] : starts[offset + 1]].reshape(-1, 4).astype(np.float32)
 
 
 # The `itl-ray prepare` kind that each of the config's ``data`` settings expects.

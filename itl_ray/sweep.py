@@ -15,6 +15,13 @@ finished epoch and finished transfer stages are skipped (``trial.run_trial``).
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
 sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
+
+The console: the driver prints a progress line of the sweep (``console.SweepProgress``: trials
+done, running, pending, time left) as trials start, end and report, and each trial's own lines as
+they come, without Ray's log prefixes, de-duplication or colour codes (``console.quiet_ray``). Ray's storage keeps what
+``--resume`` needs: each trial's latest checkpoint (the working folder: stage results, weights,
+report log, record) and Tune's small state files; Tune's result loggers (JSON, CSV, TensorBoard)
+are off, and pretraining's epoch checkpoint leaves the folder once the weights are saved.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +41,7 @@ import yaml
 
 from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
+from itl_ray.console import SweepProgress, quiet_ray, say
 from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
 from itl_ray.errors import UserError
 from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
@@ -203,6 +214,8 @@ def _trainable(params: dict) -> None:
 
     from itl_ray.trial import run_trial
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per report
+
     params = params["trial"]
     config = from_dict(TrialConfig, params["config"])
     if not config.runtime.threads:
@@ -257,6 +270,52 @@ def read_report_log(checkpoint) -> list[dict]:
     return reports
 
 
+def trial_folder_name(name: str, tid: str) -> str:
+    """Tune's folder for a trial: its short name and id, e.g.
+    ``num_classes=10,images_per_class=40-3d41f04249ae`` (characters other than letters, digits
+    and ``=,._-`` become ``_``; at most 100 characters of the name)."""
+    return f"{re.sub(r'[^A-Za-z0-9=,._-]', '_', name)[:100]}-{tid}"
+
+
+def log_trial_record(tracker, run_id: str, checkpoint) -> None:
+    """Upload a trial's record (``trial.RECORD_FILES`` and the ``per_image`` folder) from its
+    checkpoint to its run; only those files are copied from a remote (s3://, gs://) checkpoint."""
+    import pyarrow.fs
+
+    from itl_ray.trial import PER_IMAGE, RECORD_FILES
+
+    if checkpoint.filesystem.type_name == "local":
+        tracker.log_trial_files(run_id, checkpoint.path, RECORD_FILES, (PER_IMAGE,))
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        for name in (*RECORD_FILES, PER_IMAGE):
+            source = f"{checkpoint.path}/{name}"
+            if checkpoint.filesystem.get_file_info(source).type != pyarrow.fs.FileType.NotFound:
+                pyarrow.fs.copy_files(source, f"{folder}/{name}", source_filesystem=checkpoint.filesystem)
+        tracker.log_trial_files(run_id, folder, RECORD_FILES, (PER_IMAGE,))
+
+
+def _progress_callback(progress: SweepProgress):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """Feeds Tune's trial events to the sweep's progress line."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.start(trial.config["trial"]["trial_id"])
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.reported()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.end(trial.config["trial"]["trial_id"])
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.end(trial.config["trial"]["trial_id"], failed=True)
+
+    return Progress()
+
+
 def _mlflow_callback(tracker, parent_run_id: str):
     from ray.tune import Callback
 
@@ -266,6 +325,7 @@ def _mlflow_callback(tracker, parent_run_id: str):
 
         def __init__(self):
             self.runs: dict[str, str] = {}
+            self.recorded: set[str] = set()  # trial ids whose record went to their run
 
         def run_of(self, trial_config: dict) -> str:
             tid, name = trial_config["trial_id"], trial_config["name"]
@@ -287,7 +347,11 @@ def _mlflow_callback(tracker, parent_run_id: str):
             tracker.set_checkpoint(self.run_of(trial.config["trial"]), checkpoint_uri(checkpoint))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            tracker.finish(self.run_of(trial.config["trial"]))
+            run_id = self.run_of(trial.config["trial"])
+            tracker.finish(run_id)  # the run ends when its trial does
+            if trial.checkpoint is not None:
+                log_trial_record(tracker, run_id, trial.checkpoint)
+                self.recorded.add(trial.config["trial"]["trial_id"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
             tracker.finish(self.run_of(trial.config["trial"]), failed=True)
@@ -320,8 +384,9 @@ def results_table(rows: list[dict]) -> str:
     return tables.to_text(frame)
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
+def run_sweep(spec: SweepSpec, resume: bool = False, log=say) -> list[dict]:
     """Run every trial of the sweep through Ray Tune; returns one row per trial with its metrics."""
+    quiet_ray()
     import ray
     from ray import tune
 
@@ -340,6 +405,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     tracker.log_params(parent, {"sweep_id": sid, "trials": len(spec.trials()),
                                 "experiments": ",".join(spec.experiment_names()), "seeds": spec.seeds,
                                 **{f"grid.{key}": values for key, values in spec.grid.items()}})
+    tracker.describe(parent, spec.description)
     checkpoints = tracker.trial_checkpoints(parent) if resume else {}
     keys = varying_keys(spec)
     trials = [
@@ -354,14 +420,19 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
     log(f"sweep {spec.trial.name!r}: {len(trials)} trials ({resumed} from checkpoints); MLflow {tracker.uri}, "
         f"parent run {parent}")
     callback = _mlflow_callback(tracker, parent)
+    progress = SweepProgress(spec.trial.name, len(trials), log)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}),
         param_space={"trial": tune.grid_search(trials)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials or None),
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials or None,
+            trial_dirname_creator=lambda trial: trial_folder_name(trial.config["trial"]["name"],
+                                                                 trial.config["trial"]["trial_id"]),
+        ),
         run_config=tune.RunConfig(
             name=f"{spec.trial.name}-{parent[:8]}-{time.strftime('%Y%m%d-%H%M%S')}",  # one per driver run
             storage_path=storage_root(spec.storage),
-            callbacks=[callback],
+            callbacks=[callback, _progress_callback(progress)],
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=0,
@@ -386,6 +457,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log=print) -> list[dict]:
             run_id = callback.run_of(trial)
             for report in read_report_log(latest):
                 tracker.record(run_id, report["kind"], report["payload"] or {}, report["step"])
+            if trial["trial_id"] not in callback.recorded:
+                log_trial_record(tracker, run_id, latest)
             tracker.finish(run_id, failed="error" in row)
     order = {trial["trial_id"]: index for index, trial in enumerate(trials)}
     rows.sort(key=lambda row: order.get(row["trial_id"], len(order)))

@@ -11,6 +11,19 @@ latest checkpoint (tag ``itl.checkpoint``: the trial's folder with ``backbone.pt
 Recording is idempotent: a metric at a step the run already holds is not logged again, so a trial
 that repeats a report after a retry, or a report log recorded twice, leaves one value per step.
 
+How runs look in MLflow's UI: the experiment is created as a model-training experiment (MLflow 3's
+tag ``mlflow.experimentKind``) with a saved view, ``trials``: the trial runs, listed flat, with the
+study's params and headline metrics as columns. MLflow 3.17's UI opens an experiment in the mode
+of its sidebar switch (GenAI or Model training), so the address ``ui_hint`` prints asks for model
+training and that view. A trial run has each fact once as a param (``experiment``: the study's
+experiments it belongs to, ``num_classes``, ``images_per_class``, ``label_set``, ``seed``,
+``subset_hash``, ``pretrain_images`` and the other settings of its config); identity hashes that
+are no axis to compare along are tags (``itl.trial_id``, ``itl.label_set_hash``). Metric names
+follow the groups of MLflow's chart view: headline metrics at the top level, per-class APs under
+``voc07_det_ap/`` and ``voc12_act_ap/``, timers under ``seconds/``, curves under their stage
+(``pretrain/loss``, ``detection/lr``, ...); values are rounded to what they mean (``rounded``).
+A run's end is its trial's end: finishing it again (the sweep's closing replay) keeps that time.
+
 All writes go through ``Tracker``: ``MlflowClient`` with explicit run ids (no global "active
 run"), from one process, the sweep driver. Reading goes through ``Reader``, which never writes: it
 opens no store that does not exist and creates no experiment or run, so ``itl-ray report`` on a
@@ -24,10 +37,13 @@ the trial without its seed), and keeps its plan on the parent run (``sweep_plan.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import posixpath
 import re
+import shlex
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +64,41 @@ POINT = "itl.point"  # the trial's point: its name without the seed (seeds repea
 POINT_ID = "itl.point_id"  # an id of the trial's config without its seed
 PLAN = "sweep_plan.json"  # artifact of the parent run: every trial the sweep plans, with its experiments
 REPORT_FOLDER = "report"  # artifact folder of the parent run that `itl-ray report` fills
+LABEL_SET_HASH = "itl.label_set_hash"  # tag on a trial run: trial.label_set_hash of its labels
+DESCRIPTION = "mlflow.note.content"  # MLflow's own tag: the description shown on a run's (or experiment's) page
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's experiment tag: which page the UI opens it on
+TRAINING_KIND = "custom_model_development"  # its "model training" kind: the runs table, not the GenAI overview
+VIEW = "trials"  # the experiment's saved UI view (tag mlflow.sharedViewState.trials): the trial runs, key columns
+# A trial's "params" report: these are identity hashes, recorded as tags rather than params so that
+# they are no axis of the compare view's plots.
+TAGGED_PARAMS = {"trial_id": TRIAL_ID, "label_set_hash": LABEL_SET_HASH}
+VIEW_PARAMS = ("num_classes", "images_per_class", "label_set", "seed", "pretrain_images")  # columns of the view
+PERCENT_GROUPS = ("voc07_det_ap", "voc12_act_ap", "sun397_acc")  # per-class or per-partition values, in percent
+
+
+def rounded(name: str, value: float) -> float:
+    """A metric's value as recorded: timers (``seconds/...``) to 0.1 s; headline metrics (no
+    "/" in the name) and the per-class and per-partition groups (``voc07_det_ap/<class>``, ...),
+    all in percent, to 0.01; curves (``pretrain/loss``, ``detection/lr``, ...) to 4 significant
+    digits, so that a small learning rate stays what it is."""
+    group = name.split("/", 1)[0] if "/" in name else None
+    if group == "seconds":
+        return round(value, 1)
+    if group is None or group in PERCENT_GROUPS:
+        return round(value, 2)
+    return float(f"{value:.4g}")
+
+
+def _view_state() -> str:
+    """The experiment's saved view as the MLflow UI reads it (a shared view state, JSON): only the
+    trial runs, listed flat rather than folded under their sweep run (the UI folds children only
+    when there is no filter or the order is by date), best pretraining top-1 first, with the
+    study's params and the headline metrics as columns."""
+    from itl_ray.metrics import FINAL_METRICS
+
+    columns = ([f"params.`{name}`" for name in VIEW_PARAMS] + [f"metrics.`{name}`" for name in FINAL_METRICS])
+    return json.dumps({"searchFilter": f"tags.`{ROLE}` = '{ROLE_TRIAL}'", "orderByKey": f"metrics.`{FINAL_METRICS[0]}`",
+                       "orderByAsc": False, "selectedColumns": columns})
 
 
 def tracking_uri(create: bool = True) -> str:
@@ -98,10 +149,30 @@ class Tracker:
         self.uri = uri or tracking_uri()
         check_reachable(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            experiment, artifact_location=artifact_location(self.uri, experiment))
+        self.experiment_id = self._experiment(experiment)
         self._logged: dict[str, set[tuple[str, int]]] = {}  # run id -> (metric, step) pairs it holds
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created as a model-training experiment with the saved
+        view ``trials`` when missing; an older one gets the tags it lacks."""
+        tags = {EXPERIMENT_KIND: TRAINING_KIND, f"mlflow.sharedViewState.{VIEW}": _view_state()}
+        found = self.client.get_experiment_by_name(name)
+        if found is None:
+            return self.client.create_experiment(name, artifact_location=artifact_location(self.uri, name),
+                                                 tags=tags)
+        for key, value in tags.items():
+            if found.tags.get(key) != value:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
+
+    def describe(self, run_id: str, text: str) -> None:
+        """Set the run's description (MLflow's note, shown on its page); the experiment gets it too
+        when it has none."""
+        if not text:
+            return
+        self.client.set_tag(run_id, DESCRIPTION, text)
+        if not self.client.get_experiment(self.experiment_id).tags.get(DESCRIPTION):
+            self.client.set_experiment_tag(self.experiment_id, DESCRIPTION, text)
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string,
@@ -120,13 +191,15 @@ class Tracker:
         return run.info.run_id
 
     def trial_run(self, trial_id: str, name: str, parent_run_id: str | None, tags: dict[str, str] | None = None) -> str:
-        """The one run of this trial (under ``parent_run_id``): found again, or created (with ``tags``)."""
+        """The one run of this trial (under ``parent_run_id``): found again, or created (with
+        ``tags``). A run found again is reopened (status RUNNING) unless it FINISHED: a finished
+        trial's run keeps its end, also when a resumed sweep passes over the trial once more."""
         condition = f"tags.`{TRIAL_ID}` = '{trial_id}' and tags.`{ROLE}` = '{ROLE_TRIAL}'"
         if parent_run_id:
             condition += f" and tags.`{PARENT}` = '{parent_run_id}'"
         found = self._find(condition)
         if found is not None:
-            if found.info.status != "RUNNING":
+            if found.info.status not in ("RUNNING", "FINISHED"):
                 self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
         tags = {**(tags or {}), ROLE: ROLE_TRIAL, TRIAL_ID: trial_id}
@@ -135,11 +208,18 @@ class Tracker:
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
-        """Log params not yet on the run (MLflow params cannot change once set)."""
-        from mlflow.entities import Param
+        """Log params not yet on the run (MLflow params cannot change once set); the keys of
+        ``TAGGED_PARAMS`` become tags instead."""
+        from mlflow.entities import Param, RunTag
 
-        existing = self.client.get_run(run_id).data.params
-        new = [Param(key, str(value)[:6000]) for key, value in sorted(params.items()) if key not in existing]
+        run = self.client.get_run(run_id)
+        existing = run.data.params
+        tags = [RunTag(TAGGED_PARAMS[key], str(value)) for key, value in sorted(params.items())
+                if key in TAGGED_PARAMS and run.data.tags.get(TAGGED_PARAMS[key]) != str(value)]
+        if tags:
+            self.client.log_batch(run_id, tags=tags)
+        new = [Param(key, str(value)[:6000]) for key, value in sorted(params.items())
+               if key not in existing and key not in TAGGED_PARAMS]
         for start in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[start : start + 100])
 
@@ -151,14 +231,19 @@ class Tracker:
         return self._logged[run_id]
 
     def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
-        """Log numeric, finite metrics at ``step`` (0 when None), skipping those the run holds."""
+        """Log numeric, finite metrics at ``step`` (0 when None), ``rounded``, skipping those the
+        run holds. The headline metrics go first (MLflow lists a run's metrics in the order they
+        first arrived; its parallel-coordinates plot starts from the first one all runs share)."""
         from mlflow.entities import Metric
+
+        from itl_ray.metrics import FINAL_METRICS
 
         logged = self._logged_steps(run_id)
         now = int(time.time() * 1000)
+        first = {name: index for index, name in enumerate(FINAL_METRICS)}
         batch = [
-            Metric(key, float(value), now, step or 0)
-            for key, value in sorted(metrics.items())
+            Metric(key, rounded(key, float(value)), now, step or 0)
+            for key, value in sorted(metrics.items(), key=lambda item: (first.get(item[0], len(first)), item[0]))
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and (key, step or 0) not in logged
         ]
@@ -173,6 +258,19 @@ class Tracker:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"no folder {folder} to log as artifacts")
         self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_trial_files(self, run_id: str, folder: str | Path, files: tuple[str, ...],
+                        folders: tuple[str, ...]) -> None:
+        """Upload the trial's record from its working folder (or a checkpoint of it): each of
+        ``files`` that exists, at the artifacts' top level, and each of ``folders`` that exists
+        (e.g. ``per_image``) under its own name. Uploading again replaces them."""
+        folder = Path(folder)
+        for name in files:
+            if (folder / name).is_file():
+                self.client.log_artifact(run_id, str(folder / name))
+        for name in folders:
+            if (folder / name).is_dir():
+                self.client.log_artifacts(run_id, str(folder / name), name)
 
     def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
         """One report of ``trial.run_trial``: "params", "curve" metrics (step = iteration or epoch),
@@ -198,13 +296,42 @@ class Tracker:
                 if TRIAL_ID in run.data.tags and CHECKPOINT in run.data.tags}
 
     def finish(self, run_id: str, failed: bool = False) -> None:
-        """End the run as FINISHED, or FAILED; a later ``trial_run`` of the same trial reopens it."""
-        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        """End the run as FINISHED, or FAILED, now; a run that has ended already keeps its end
+        time (a second call changes at most its status). A later ``trial_run`` of the same trial
+        reopens a run that did not finish."""
+        status = "FAILED" if failed else "FINISHED"
+        info = self.client.get_run(run_id).info
+        if info.status == "RUNNING" or not info.end_time:
+            self.client.set_terminated(run_id, status=status)
+        elif info.status != status:
+            self.client.set_terminated(run_id, status=status, end_time=info.end_time)
 
     def trial_runs(self, parent_run_id: str) -> list:
         """The runs (``mlflow.entities.Run``) whose parent is ``parent_run_id``, at most 10,000."""
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_run_id}'", max_results=10000)
+
+
+def ui_hint(experiment: str, uri: str | None = None) -> str:
+    """How to look at the experiment's runs in MLflow's UI: for a local store, the command that
+    starts the UI on it (this environment's ``mlflow``, shell-quoted so that paths with spaces
+    work) and the address of the experiment's ``trials`` view; for a tracking server, that
+    server's address of the view. Without the experiment in the store: the UI's home."""
+    uri = uri or tracking_uri(create=False)
+    server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else "http://127.0.0.1:5000"  # `mlflow ui` listens there by default
+    try:
+        found = Reader(uri).client.get_experiment_by_name(experiment)
+    except UserError:
+        found = None
+    # workflowType: the UI's "Model training" mode (it starts in GenAI, whatever the experiment's kind)
+    address = (f"{base}/#/experiments/{found.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW}"
+               if found else f"{base}/")
+    if server:
+        return f"open {address}"
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = shlex.quote(str(mlflow)) if mlflow.is_file() else "mlflow"
+    return f"{command} ui --backend-store-uri {shlex.quote(uri)}\n  then open {address}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ A trial is a pure function of its config. Its working folder keeps each stage's 
 atomically), so a rerun of the same config skips finished stages: pretraining resumes from its
 last checkpoint, and a finished transfer evaluation is not run again. Stages that return per-image
 scores (``transfer.StageOutput``) have them written to ``per_image/<stem>.parquet``.
+The folder also holds the trial's record (``RECORD_FILES``): its resolved config, its label set
+and its subset.
 
 This module imports neither Ray nor MLflow: ``report`` is how results leave it (Ray Tune in a
 sweep, MLflow or the terminal for ``itl-ray trial``).
@@ -28,7 +30,7 @@ from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
 from itl_ray.datasets.sun397 import check_partitions, scene_data
 from itl_ray.datasets.voc import voc_images
 from itl_ray.errors import UserError
-from itl_ray.files import atomic_path, write_json
+from itl_ray.files import atomic_path, write_atomically, write_json
 from itl_ray.image_rows import ImageRows
 from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
 from itl_ray.models import AlexNet
@@ -45,7 +47,13 @@ from itl_ray.transfer.scene import evaluate_scene
 # checkpoint after iteration ``step``: the trial's folder is worth saving), "stage" (a finished
 # stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
-PER_IMAGE = "per_image"  # the working folder's sub-folder of per-image scores
+
+# The trial's record in its working folder, logged with its MLflow run: the resolved config, the
+# label set (``itl-ray labels`` format) and the subset (its images in order, and its hash).
+RECORD_FILES = ("config.yaml", "label_set.tsv", "subset.tsv", "subset.json")
+PER_IMAGE = "per_image"  # folder of the per-image test scores (Parquet), logged with the run too
+# Config keys recorded under the study's short names (``params``), so each fact is one param.
+SHORT_NAMES = {"pretrain.images_per_class": "images_per_class", "pretrain.label_set": "label_set"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -157,6 +165,71 @@ def save_per_image(workdir: Path, tables: dict) -> None:
             pq.write_table(table, temporary)
 
 
+def write_record(config: TrialConfig, inputs: Inputs, folder: Path) -> None:
+    """Write the trial's record (``RECORD_FILES``) into ``folder``, each file atomically:
+    ``config.yaml`` (the resolved config, as ``config.from_dict`` reads it), ``label_set.tsv``
+    (``wnid<TAB>group_wnid`` over the subset's classes), ``subset.tsv`` (``image_key<TAB>wnid
+    <TAB>manifest_row``, one row per pretraining image in the subset's order: its hash is the
+    first 16 hex digits of the SHA-256 of the image_key column joined by newlines) and
+    ``subset.json`` (the hash, the classes in rank order, the counts and the shortfall)."""
+    import yaml
+
+    subset = inputs.subset
+    sources, labels = inputs.imagenet.column("source"), inputs.imagenet.column("label")
+    header = f"# trial {trial_id(config)}: its resolved config\n"
+    write_atomically(folder / "config.yaml", header + yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_atomically(folder / "label_set.tsv", label_sets.label_set_tsv(inputs.mapping))
+    rows = "".join(f"{subsets.image_key(sources[row])}\t{labels[row]}\t{row}\n" for row in inputs.train_rows)
+    write_atomically(folder / "subset.tsv", "image_key\twnid\tmanifest_row\n" + rows)
+    write_json(folder / "subset.json", {
+        "subset_hash": subset.subset_hash if config.pretrain.images_per_class else "none",
+        "hash_of": "sha256 of the image_key column of subset.tsv joined by newlines, first 16 hex digits",
+        "images": len(inputs.train_rows),
+        "images_per_class": config.pretrain.images_per_class,
+        "classes": list(subset.classes),
+        "shortfall": subset.shortfall,
+    })
+
+
+def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> dict:
+    """The trial's params, each fact once: the study's axes under their short names
+    (``num_classes``: the classes the network learns to tell apart, i.e. the label set's groups;
+    ``source_classes``: the ImageNet classes the subset draws from, the same number for the fine
+    label set, 1000 for up_down_127; ``images_per_class``, ``label_set``, ``seed``,
+    ``pretrain_images``, ``subset_hash``), the device it ran on, the identity hashes
+    (``trial_id``, ``label_set_hash``) and every other setting under its dotted key. Left out:
+    ``name``, the sweep's name, which is the MLflow experiment itself; ``runtime.device``, the
+    setting (``auto``), for the device used; ``pretrain.num_classes``, the classes asked for, which
+    ``source_classes`` resolves. ``data_hash.<setting>`` names each prepared dataset by its content
+    (``Prepared.content_hash``), as ``trial_id`` does. With pretraining, the schedule the settings
+    resolve to for this subset (``pretrain.plan_schedule``): ``pretrain_iterations``,
+    ``pretrain_epochs`` (passes over the subset, 2 decimals) and ``pretrain_lr_step``."""
+    subset, pre = inputs.subset, config.pretrain
+    settings = flatten(to_dict(config))
+    params = {
+        **{key: value for key, value in settings.items()
+           if key not in (*SHORT_NAMES, "name", "runtime.device", "pretrain.num_classes")},
+        **{short: settings[key] for key, short in SHORT_NAMES.items()},
+        "trial_id": trial_id(config),
+        **{f"data_hash.{setting}": data.content_hash for setting, data in
+           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
+            ("sun397", inputs.sun397))},
+        "num_classes": len(set(inputs.mapping.values())),
+        "source_classes": len(subset.classes),
+        "label_set_hash": label_set_hash(inputs.mapping),
+        "subset_hash": subset.subset_hash if pre.images_per_class else "none",
+        "pretrain_images": len(inputs.train_rows),
+        "shortfall_classes": len(subset.shortfall),
+        "shortfall_images": sum(subset.shortfall.values()),
+        "device": device.type,
+    }
+    if pre.images_per_class:  # the schedule the settings resolve to for this subset
+        schedule = plan_schedule(pre, len(inputs.train_rows), inputs.full_train_images)
+        params.update(pretrain_iterations=schedule.iterations, pretrain_epochs=round(schedule.epochs, 2),
+                      pretrain_lr_step=schedule.lr_step)
+    return params
+
+
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
     """Run (or finish) one trial in ``workdir``; returns its final metrics in percent."""
     started = time.time()
@@ -165,40 +238,19 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         torch.set_num_threads(runtime.threads)
     device = pick_device(runtime.device)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / "config.json", to_dict(config))
     store = StageStore(workdir)
     stages = store.load()
 
     inputs = read_inputs(config)
-    subset, mapping = inputs.subset, inputs.mapping
+    write_record(config, inputs, workdir)
+    mapping = inputs.mapping
     pre = config.pretrain
     groups = sorted(set(mapping.values()))
     group_index = {group: i for i, group in enumerate(groups)}
-    params = {
-        **flatten(to_dict(config)),
-        "trial_id": trial_id(config),
-        **{f"data_hash.{setting}": data.content_hash for setting, data in
-           (("imagenet", inputs.imagenet), ("voc2007", inputs.voc2007), ("voc2012", inputs.voc2012),
-            ("sun397", inputs.sun397))},
-        "num_classes": len(groups),
-        "source_classes": len(subset.classes),
-        "images_per_class": pre.images_per_class,
-        "label_set": pre.label_set,
-        "label_set_hash": label_set_hash(mapping),
-        "seed": config.seed,
-        "subset_hash": subset.subset_hash if pre.images_per_class else "none",
-        "pretrain_images": len(inputs.train_rows),
-        "shortfall_classes": len(subset.shortfall),
-        "shortfall_images": sum(subset.shortfall.values()),
-        "device": device.type,
-    }
-    if pre.images_per_class:
-        schedule = plan_schedule(pre, len(inputs.train_rows), inputs.full_train_images)
-        params.update(pretrain_iterations=schedule.iterations, pretrain_epochs=round(schedule.epochs, 2),
-                      pretrain_lr_step=schedule.lr_step)
+    params = trial_params(config, inputs, device)
     report("params", params, None)
 
-    def curve(metrics: dict, step: int) -> None:
+    def curve(metrics: dict[str, float], step: int) -> None:  # a stage's training curves (pretrain/loss, ...)
         report("curve", metrics, step)
 
     torch.manual_seed(config.seed)
@@ -210,6 +262,7 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         model.load_state_dict(load_state(backbone_file, "pretrained weights"))
         log("pretrain: done earlier, weights loaded")
     else:
+        stage_started = time.time()
         log(f"trial {params['trial_id']}: {len(groups)} classes, {len(inputs.train_rows)} images, device {device}")
 
         def images(rows: np.ndarray) -> ImageRows:  # shard rows with their (label set's) class index
@@ -227,24 +280,30 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
+        result["seconds/pretrain"] = time.time() - stage_started
         store.save("pretrain", result)
         stages = store.load()
+        # The weights and the stage's result are kept; the pretraining checkpoint (weights, optimizer,
+        # generators) is needed no more, and the sweep's checkpoints need not carry it.
+        (workdir / "pretrain.pt").unlink(missing_ok=True)
+        report("stage", result, None)
     model.to(device)
 
     transfer = config.transfer
     transfers = {
         "detection": lambda: evaluate_detection(model, voc_images(inputs.voc2007, "trainval"),
                                                 voc_images(inputs.voc2007, "test"), transfer.detection,
-                                                device, config.seed, log=log, runtime=runtime.detection),
+                                                device, config.seed, log=log, curve=curve,
+                                                runtime=runtime.detection),
         "action": lambda: evaluate_action(model, voc_images(inputs.voc2012, "train"), voc_images(inputs.voc2012, "val"),
-                                          transfer.action, device, config.seed, log=log),
+                                          transfer.action, device, config.seed, log=log, curve=curve),
         "scene": lambda: evaluate_scene(model, [scene_data(inputs.sun397, p) for p in transfer.scene.partitions],
                                         transfer.scene, device, config.seed, log=log, curve=curve,
                                         runtime=runtime.scene),
     }
     if transfer.induction.enabled:
         transfers["induction"] = lambda: evaluate_induction(
-            model, induction_data(inputs.imagenet, subset.classes, transfer.induction.train_per_class, config.seed,
+            model, induction_data(inputs.imagenet, inputs.subset.classes, transfer.induction.train_per_class, config.seed,
                                   pre.label_set, len(groups) if pre.images_per_class else 0),
             transfer.induction, device, config.seed, log=log, curve=curve, runtime=runtime.induction)
     for stage, evaluate in transfers.items():
@@ -256,13 +315,13 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
         if isinstance(output, StageOutput):
             save_per_image(workdir, output.per_image)
             output = dict(output.metrics)
-        output[f"{stage}_seconds"] = time.time() - stage_started
+        output[f"seconds/{stage}"] = time.time() - stage_started
         store.save(stage, output)
         stages = store.load()
         report("stage", output, None)  # a sweep checkpoints the folder here: a retry skips this stage
 
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
-    final["trial_seconds"] = time.time() - started
+    final["seconds/trial"] = time.time() - started
     report("final", final, None)
     headline = [key for key in (*FINAL_METRICS, *INDUCTION_METRICS) if key in final]
     log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in headline))

@@ -63,7 +63,7 @@ def demo_data(tmp_path_factory) -> dict[str, str]:
 
 def tiny_spec(path: Path, paths: dict[str, str], extra: str = "") -> Path:
     """A sweep spec that trains for seconds: 2 trials (one pretrained, one random-init control)."""
-    path.write_text(f"""
+    path.write_text(f"""# A tiny sweep for the tests.
 name: tiny
 seed: 0
 runtime: {{threads: 1}}

@@ -69,8 +69,8 @@ def test_fine_tuning_ranks_each_action_above_the_others():
     trained = evaluate_action(backbone(), train, val, config, CPU, seed=0, log=lambda line: None)
     untrained = evaluate_action(backbone(), train, val, ActionConfig(epochs=0), CPU, seed=0, log=lambda line: None)
     # Only the actions with val persons have an AP; the mean is over them.
-    assert set(trained) == {"voc12_act_map", *(f"voc12_act_ap_{action}" for action in COLOURS)}
-    aps = [trained[f"voc12_act_ap_{action}"] for action in COLOURS]
+    assert set(trained) == {"voc12_act_map", *(f"voc12_act_ap/{action}" for action in COLOURS)}
+    aps = [trained[f"voc12_act_ap/{action}"] for action in COLOURS]
     assert trained["voc12_act_map"] == pytest.approx(sum(aps) / len(aps))
     assert trained["voc12_act_map"] == pytest.approx(100.0)
     assert untrained["voc12_act_map"] < 75  # a random fc8 ranks the four colours at random: about 55

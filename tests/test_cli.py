@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,34 @@ def test_a_key_given_twice_through_the_command(tmp_path, mini_paths):
     done = itl_ray("sweep", str(spec), "--dry-run", cwd=tmp_path)
     assert done.returncode == 2 and len(lines) == 2
     assert_one_line_error(done, f"key 'pretrain' is given twice (lines {lines[0]} and {lines[1]})")
+def test_version_names_the_project_and_its_libraries():
+    from itl_ray import __version__
+
+    done = itl_ray("--version")
+    assert done.returncode == 0
+    line = done.stdout.strip()
+    assert line.startswith(f"itl-ray {__version__} (Python ") and "torch 2.14.1" in line and "mlflow" in line
+
+
+def test_every_command_has_a_description_an_example_and_its_defaults():
+    from itl_ray.cli import COMMANDS, get_args_parser
+
+    parser = get_args_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert set(commands.choices) == set(COMMANDS)
+    top = itl_ray("--help")
+    assert top.returncode == 0 and "itl-ray sweep sweeps/smoke.yaml" in top.stdout
+    for name, sub in commands.choices.items():
+        done = itl_ray(name, "--help")
+        assert done.returncode == 0, name
+        text = " ".join(done.stdout.split())  # argparse wraps help lines
+        paragraphs = done.stdout.split("\n\n")[1:]  # after the usage line, before the arguments
+        description = " ".join(p for p in paragraphs if not p.startswith(("positional arguments:", "options:"))
+                               and not p.startswith("examples:"))
+        assert len(description.split()) >= 15, (name, description)
+        assert f"examples: itl-ray {name} " in text, name
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                shown = " ".join((sub.formatter_class(prog="x")._get_help_string(action) or "").split())
+                assert "default" in shown, (name, action.option_strings)
+                assert " ".join(shown.split("%(default)s")[0].split()) in text, (name, action.option_strings)

@@ -109,3 +109,23 @@ def test_voc_objects_are_the_classes_pascal_removed_removes():
                     "cellular_telephone.n.01", "acoustic_guitar.n.01", "laptop.n.01", "reflex_camera.n.01",
                     "running_shoe.n.01", "backpack.n.01", "basketball.n.02", "orange.n.01"]
 
+
+
+def test_the_voc2007_sized_generator_writes_objects_of_every_size(tmp_path):
+    from itl_ray.datasets.synthetic import synthesize_voc2007
+
+    root = synthesize_voc2007(tmp_path / "voc", trainval=3, test=2, seed=0, size=(200, 150), workers=1)
+    trainval = read_voc2007_detection(str(root / "VOCdevkit"), "trainval")
+    test = read_voc2007_detection(str(root / "VOCdevkit"), "test")
+    assert [image.image_id for image in trainval + test] == ["000001", "000002", "000003", "000004", "000005"]
+    objects = [obj for image in trainval + test for obj in image.objects]
+    assert all(1 <= len(image.objects) <= 6 and (image.width, image.height) == (200, 150) for image in trainval)
+    for obj in objects:
+        xmin, ymin, xmax, ymax = obj.box
+        assert 1 <= xmin <= xmax <= 200 and 1 <= ymin <= ymax <= 150 and not obj.difficult
+        assert 16 <= min(xmax - xmin + 1, ymax - ymin + 1) <= 150
+    again = synthesize_voc2007(tmp_path / "again", trainval=3, test=2, seed=0, size=(200, 150), workers=2)
+    sample = "VOCdevkit/VOC2007/JPEGImages/000004.jpg"
+    assert (root / sample).read_bytes() == (again / sample).read_bytes()
+    with pytest.raises(UserError, match="other settings"):
+        synthesize_voc2007(tmp_path / "voc", trainval=4, test=2, seed=0, size=(200, 150))

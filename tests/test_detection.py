@@ -143,9 +143,9 @@ def test_fixture_has_the_cases_the_protocol_handles(voc):
 
 def test_returns_map_and_one_ap_per_class_present_in_test(trained):
     metrics = trained["metrics"]
-    assert set(metrics) == {"voc07_det_map"} | {f"voc07_det_ap_{name}" for name in PRESENT}
+    assert set(metrics) == {"voc07_det_map"} | {f"voc07_det_ap/{name}" for name in PRESENT}
     assert all(0.0 <= value <= 100.0 for value in metrics.values())
-    assert metrics["voc07_det_map"] == pytest.approx(sum(metrics[f"voc07_det_ap_{name}"] for name in PRESENT) / 3)
+    assert metrics["voc07_det_map"] == pytest.approx(sum(metrics[f"voc07_det_ap/{name}"] for name in PRESENT) / 3)
     # The classes without test objects are named, not dropped silently.
     absent = [line for line in trained["lines"] if "no non-difficult test objects" in line]
     assert len(absent) == 1 and all(name in absent[0] for name in VOC_CLASSES if name not in PRESENT)

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from itl_ray.metrics import (
+    ELEVEN_POINT_LEVELS,
     accuracy,
     average_precision,
     box_iou,
     detection_ap,
     mean_ap,
     mean_per_class_accuracy,
+    matlab_colon,
     voc07_ap,
     voc_area_ap,
 )
@@ -42,10 +44,46 @@ def test_perfect_curve_has_ap_one_both_ways():
     assert voc_area_ap([0.5, 1.0], [1.0, 1.0]) == pytest.approx(1.0)
 
 
-def test_voc07_recall_exactly_on_a_level_counts():
-    # 3 of 10 positives found: recall is exactly 0.3, which reaches the 0.3 level (the devkit's
-    # np.arange level 0.30000000000000004 would not; see the module docstring).
-    assert voc07_ap([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]) == pytest.approx(4 / 11)
+def test_eleven_point_levels_as_each_scorer_computes_them():
+    """The official devkit's ``0:0.1:1`` as MATLAB's colon operator builds it (first half a + k*d,
+    second half b - (n-k)*d, middle (a+b)/2: MathWorks' colonop.m as described in MATLAB Answers
+    "How does the COLON operator work?", 2012); py-faster-rcnn's voc_eval.py np.arange(0., 1.1,
+    0.1); and the doubles nearest k/10."""
+    assert ELEVEN_POINT_LEVELS["devkit"] == (0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert ELEVEN_POINT_LEVELS["devkit"][6] == 1 - 4 * 0.1 == 0.6 and ELEVEN_POINT_LEVELS["devkit"][7] == 1 - 3 * 0.1
+    assert ELEVEN_POINT_LEVELS["voc_eval"] == (0.0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6000000000000001,
+                                               0.7000000000000001, 0.8, 0.9, 1.0)
+    assert ELEVEN_POINT_LEVELS["exact"] == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    # The MATLAB Answers thread's own example: x = 0:0.1:0.3, y = 0:0.1:0.4, x - y(1:end-1) is
+    # [0 0 -2.7756e-17 -5.5511e-17] in MATLAB; the symmetric construction gives exactly that.
+    x, y = matlab_colon(0.0, 0.1, 0.3), matlab_colon(0.0, 0.1, 0.4)
+    assert [a - b for a, b in zip(x, y)] == [0.0, 0.0, -2.7755575615628914e-17, -5.551115123125783e-17]
+
+
+def test_voc07_recall_exactly_0_6_by_each_scorer():
+    """One image, 5 objects, 3 detections exactly on 3 of them: recall 3/5 = 0.6 at precision 1.
+    The devkit's level 0.6 is reached (7 levels: 7/11), voc_eval's 0.6000000000000001 is not
+    (6/11), the exact 0.6 is (7/11)."""
+    ground_truth = {"img": [((1 + 20 * i, 1, 10 + 20 * i, 10), False) for i in range(5)]}
+    detections = [("img", 0.9 - i / 10, (1 + 20 * i, 1, 10 + 20 * i, 10)) for i in range(3)]
+    assert detection_ap(detections, ground_truth) == 7 / 11  # the default: the official devkit
+    assert detection_ap(detections, ground_truth, levels="devkit") == 7 / 11
+    assert detection_ap(detections, ground_truth, levels="voc_eval") == 6 / 11
+    assert detection_ap(detections, ground_truth, levels="exact") == 7 / 11
+
+
+def test_voc07_recall_exactly_0_3_and_0_7_by_each_scorer():
+    """3 of 10 positives found (recall 0.3): the devkit's and voc_eval's level 0.30000000000000004
+    is above it (3/11), the exact 0.3 is not (4/11). 7 of 10 (recall 0.7): the devkit's level is
+    the double nearest 0.7 (8/11), voc_eval's 0.7000000000000001 is not reached (7/11)."""
+    assert voc07_ap([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]) == 3 / 11  # the default: the official devkit
+    for levels, expected in (("devkit", 3 / 11), ("voc_eval", 3 / 11), ("exact", 4 / 11)):
+        assert voc07_ap([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], levels=levels) == expected
+    recall = [k / 10 for k in range(1, 8)]
+    for levels, expected in (("devkit", 8 / 11), ("voc_eval", 7 / 11), ("exact", 8 / 11)):
+        assert voc07_ap(recall, [1.0] * 7, levels=levels) == expected
+    with pytest.raises(ValueError, match="levels must be one of devkit, voc_eval, exact"):
+        voc07_ap(recall, [1.0] * 7, levels="matlab")
 
 
 def test_curves_must_have_equal_length():
@@ -169,10 +207,12 @@ def test_detections_in_images_without_objects_are_false_positives():
 
 
 def test_detection_recall_counts_missed_objects():
-    # Three of ten objects found, all at precision 1: levels 0 to 0.3.
+    # Three of ten objects found, all at precision 1: levels 0 to 0.2 by the devkit (its 0.3 level
+    # is 0.30000000000000004), 0 to 0.3 with exact levels.
     ground_truth = {f"img{i}": [((1, 1, 10, 10), False)] for i in range(10)}
     detections = [(f"img{i}", 1.0 - i / 10, (1, 1, 10, 10)) for i in range(3)]
-    assert detection_ap(detections, ground_truth) == pytest.approx(4 / 11)
+    assert detection_ap(detections, ground_truth) == pytest.approx(3 / 11)
+    assert detection_ap(detections, ground_truth, levels="exact") == pytest.approx(4 / 11)
     assert detection_ap(detections, ground_truth, eleven_point=False) == pytest.approx(0.3)
 
 

@@ -186,7 +186,7 @@ def test_a_class_without_positives_in_a_resample_is_left_out():
 def test_the_recall_levels_are_the_metrics_own():
     from itl_ray import per_image
 
-    assert per_image.ELEVEN_RECALL_LEVELS == metrics.ELEVEN_RECALL_LEVELS
+    assert per_image.ELEVEN_RECALL_LEVELS == metrics.ELEVEN_POINT_LEVELS["devkit"]
 
 
 def write(tmp_path, name: str, frame: pd.DataFrame, schema: dict | None = None):

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from itl_ray.errors import UserError
-from itl_ray.shards import (FORMAT_VERSION, INFO, MANIFEST, PLAN, SHARDS, Prepared, read_shard, shard_path,
-                            shard_skipped, write_shard)
+from itl_ray.shards import (FORMAT_VERSION, INFO, MANIFEST, PLAN, PROPOSALS, SHARDS, Prepared, proposals_path,
+                            read_proposals, read_shard, shard_path, shard_skipped, write_proposals, write_shard)
 
 
 def payloads(count: int, seed: int) -> list[bytes]:
@@ -179,3 +179,83 @@ def test_a_prepared_folder_records_its_content_hash_and_shard_sizes(mini_paths):
         assert len(data.content_hash) == 16
     assert Prepared(mini_paths["voc2012"], "voc2012-action").content_hash != \
         Prepared(mini_paths["sun397"], "sun397").content_hash
+
+
+def proposal_boxes(count: int, seed: int) -> list[np.ndarray]:
+    """Per image, 0 to 40 distinct boxes (x1, y1, x2, y2) with x1 <= x2, y1 <= y2, up to 499."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index in range(count):
+        corners = rng.integers(0, 500, size=(int(rng.integers(0, 41)) if index else 0, 4))
+        out.append(np.concatenate([np.minimum(corners[:, :2], corners[:, 2:]),
+                                   np.maximum(corners[:, :2], corners[:, 2:])], axis=1))
+    return out
+
+
+def with_proposals(folder, boxes: list[np.ndarray]) -> None:
+    """Proposals files for ``prepared_folder``'s two shards (rows 0-4 and 5-7 of the plan, with the
+    checksums ``shard_columns`` gives them), and PREPARED.json saying they were made."""
+    (folder / PROPOSALS).mkdir()
+    write_proposals(proposals_path(folder, 0), range(5), [f"{i:064x}" for i in range(5)], boxes[:5])
+    write_proposals(proposals_path(folder, 1), range(5, 8), [f"{i:064x}" for i in range(5, 8)], boxes[5:])
+    info = json.loads((folder / INFO).read_text())
+    (folder / INFO).write_text(json.dumps({**info, "proposals": {"method": "selective_search_fast"}}))
+
+
+def test_proposals_read_back_per_row_as_float32_boxes(tmp_path):
+    folder = tmp_path / "voc"
+    prepared_folder(folder, kind="voc2007")
+    pq.write_table(pq.read_table(folder / MANIFEST).append_column(
+        "sha256", pa.array([f"{5 * shard + offset:064x}" for shard, offset in
+                            [(1, 0), (1, 1), (1, 2), (0, 4), (0, 3), (0, 2), (0, 1), (0, 0)]])), folder / MANIFEST)
+    boxes = proposal_boxes(8, seed=4)  # boxes[i]: plan item i (item 0 has none)
+    with_proposals(folder, boxes)
+    data = Prepared(folder, "voc2007")
+    items = [5, 6, 7, 4, 3, 2, 1, 0]  # the plan item of each manifest row (see prepared_folder)
+    for row in (7, 0, 3, 5, 7):
+        got = data.proposals(row)
+        assert got.dtype == np.float32 and got.shape == (len(boxes[items[row]]), 4)
+        assert np.array_equal(got, boxes[items[row]].astype(np.float32))  # same boxes, same order
+    assert data.proposals(7).shape == (0, 4)
+
+
+def test_proposals_of_another_folder_or_none_say_prepare_again(tmp_path):
+    folder = tmp_path / "voc"
+    prepared_folder(folder, kind="voc2007")
+    sums = [f"{5 * shard + offset:064x}" for shard, offset in [(1, 0), (1, 1), (1, 2), (0, 4), (0, 3), (0, 2),
+                                                               (0, 1), (0, 0)]]
+    pq.write_table(pq.read_table(folder / MANIFEST).append_column("sha256", pa.array(sums)), folder / MANIFEST)
+    again = r"run `itl-ray prepare voc2007 ROOT OUT` again"
+    with pytest.raises(UserError, match=r"data.voc2007=.* holds no Selective Search proposals .*" + again):
+        Prepared(folder, "voc2007", "data.voc2007").proposals(0)
+    with pytest.raises(UserError, match="holds no Selective Search proposals"):
+        Prepared(folder, "voc2007").check_proposals()
+    with_proposals(folder, proposal_boxes(8, seed=5))
+    Prepared(folder, "voc2007").check_proposals()
+    assert Prepared(folder, "voc2007").proposals(0).shape[1] == 4
+    # Shard 1's proposals replaced by those of other images (other checksums).
+    write_proposals(proposals_path(folder, 1), range(5, 8), [f"{i:064x}" for i in range(105, 108)],
+                    proposal_boxes(3, seed=6))
+    data = Prepared(folder, "voc2007")
+    assert data.proposals(3).shape[1] == 4  # rows of shard 0 still read
+    with pytest.raises(UserError, match="holds the proposals of other images than the manifest's; " + again):
+        data.proposals(0)
+    with pytest.raises(UserError, match="proposals-00001.arrow holds the proposals of other images"):
+        Prepared(folder, "voc2007").check_proposals()
+    proposals_path(folder, 1).unlink()
+    with pytest.raises(UserError, match=r"proposals-00001.arrow is missing; " + again):
+        Prepared(folder, "voc2007").proposals(1)
+    proposals_path(folder, 1).write_bytes(b"ARROW1 not really")
+    with pytest.raises(UserError, match=r"proposals-00001.arrow is not a readable proposals file .*" + again):
+        Prepared(folder, "voc2007").proposals(2)
+
+
+def test_proposal_coordinates_must_fit_the_format(tmp_path):
+    with pytest.raises(ValueError, match="0..65535"):
+        write_proposals(tmp_path / "p.arrow", [0], ["0" * 64], [np.array([[-1, 0, 5, 5]])])
+    with pytest.raises(ValueError, match="0..65535"):
+        write_proposals(tmp_path / "p.arrow", [0], ["0" * 64], [np.array([[0, 0, 65536, 5]])])
+    assert not (tmp_path / "p.arrow").exists()
+    write_proposals(tmp_path / "p.arrow", [0, 1], ["a", "b"], [np.array([[0, 0, 65535, 65535]]), np.zeros((0, 4))])
+    table = read_proposals(tmp_path / "p.arrow")
+    assert table.column("boxes").to_pylist() == [[0, 0, 65535, 65535], []]

@@ -3,8 +3,12 @@ steps; checkpoints named on trial runs; and the read-only side that never writes
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shlex
+import time
+from pathlib import Path
 
 import pytest
 
@@ -60,18 +64,18 @@ def test_resume_finds_the_latest_run_of_the_same_sweep(uri):
 def test_metric_steps_are_logged_once(uri):
     tracker = Tracker("metrics", uri)
     run = tracker.trial_run("t", "t", None)
-    tracker.log_metrics(run, {"pretrain_loss": 2.5, "lr": 0.01}, step=1)
-    tracker.log_metrics(run, {"pretrain_loss": 9.9}, step=1)  # a repeated report after a retry
-    tracker.log_metrics(run, {"pretrain_loss": 1.5, "flag": True, "bad": math.nan, "name": "x"}, step=2)
+    tracker.log_metrics(run, {"pretrain/loss": 2.5, "pretrain/lr": 0.01}, step=1)
+    tracker.log_metrics(run, {"pretrain/loss": 9.9}, step=1)  # a repeated report after a retry
+    tracker.log_metrics(run, {"pretrain/loss": 1.5, "flag": True, "bad": math.nan, "name": "x"}, step=2)
     tracker.record(run, "final", {"voc07_det_map": 12.5}, None)
     tracker.record(run, "final", {"voc07_det_map": 99.0}, None)
     # A fresh tracker (the driver restarted) reads what the run holds before logging.
-    Tracker("metrics", uri).log_metrics(run, {"pretrain_loss": 7.0, "lr": 0.02}, step=1)
+    Tracker("metrics", uri).log_metrics(run, {"pretrain/loss": 7.0, "pretrain/lr": 0.02}, step=1)
     client = tracker.client
-    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain_loss")] == [(1, 2.5), (2, 1.5)]
-    assert [(m.step, m.value) for m in client.get_metric_history(run, "lr")] == [(1, 0.01)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain/loss")] == [(1, 2.5), (2, 1.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain/lr")] == [(1, 0.01)]
     assert [(m.step, m.value) for m in client.get_metric_history(run, "voc07_det_map")] == [(0, 12.5)]
-    assert set(client.get_run(run).data.metrics) == {"pretrain_loss", "lr", "voc07_det_map"}
+    assert set(client.get_run(run).data.metrics) == {"pretrain/loss", "pretrain/lr", "voc07_det_map"}
 
 
 def test_params_are_logged_once_and_never_changed(uri):
@@ -150,3 +154,96 @@ def test_reading_never_writes(uri, tmp_path, monkeypatch):
         reader.latest_sweep("empty_experiment")
     after = {e.name for e in reader.client.search_experiments()}
     assert after == before | {"empty_experiment"}  # only the Tracker created one
+
+
+def test_experiment_opens_on_its_trial_runs(uri):
+    tracker = Tracker("ui_view", uri)
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.trials"])
+    assert view["searchFilter"] == "tags.`itl.role` = 'trial'"
+    assert "metrics.`pretrain_top1`" in view["selectedColumns"] and "params.`num_classes`" in view["selectedColumns"]
+    store = uri[len("sqlite:///"):]
+    assert experiment.artifact_location == (Path(store).parent / "artifacts" / "ui_view").as_uri()
+    # An experiment made before these conventions gets the tags it lacks.
+    from mlflow.tracking import MlflowClient
+
+    old = MlflowClient(tracking_uri=uri).create_experiment("made_elsewhere")
+    Tracker("made_elsewhere", uri)
+    assert tracker.client.get_experiment(old).tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    parent = tracker.sweep_run("s", "ui_view", resume=False)
+    tracker.describe(parent, "The study in miniature.")
+    assert tracker.client.get_run(parent).data.tags["mlflow.note.content"] == "The study in miniature."
+    assert tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.note.content"] == "The study in miniature."
+
+
+def test_a_second_finish_keeps_the_end_time(uri):
+    tracker = Tracker("durations", uri)
+    run = tracker.trial_run("t", "t", None)
+    tracker.finish(run)
+    ended = tracker.client.get_run(run).info.end_time
+    time.sleep(0.05)  # so that a moved end time would differ, not to wait for anything
+    tracker.finish(run)  # the sweep's closing replay
+    assert tracker.client.get_run(run).info.end_time == ended
+    tracker.finish(run, failed=True)  # a status can still change, its time not
+    info = tracker.client.get_run(run).info
+    assert (info.status, info.end_time) == ("FAILED", ended)
+    # A finished trial's run is found again as it is (a resumed sweep passing over the trial);
+    # one that failed is reopened and ends anew.
+    done = tracker.trial_run("u", "u", None)
+    tracker.finish(done)
+    assert tracker.trial_run("u", "u", None) == done and tracker.client.get_run(done).info.status == "FINISHED"
+    assert tracker.trial_run("t", "t", None) == run and tracker.client.get_run(run).info.status == "RUNNING"
+    time.sleep(0.05)
+    tracker.finish(run)
+    assert tracker.client.get_run(run).info.end_time > ended
+
+
+def test_values_are_rounded_to_what_they_mean(uri):
+    tracker = Tracker("rounding", uri)
+    run = tracker.trial_run("t", "t", None)
+    tracker.log_metrics(run, {"voc07_det_map": 12.345678, "voc07_det_ap/cat": 3.14159, "seconds/detection": 61.2345,
+                              "sun397_acc/partition_01": 40.0049})
+    tracker.log_metrics(run, {"detection/lr": 0.000123456, "detection/loss": 1.234567}, step=3)
+    metrics = tracker.client.get_run(run).data.metrics
+    assert metrics == {"voc07_det_map": 12.35, "voc07_det_ap/cat": 3.14, "seconds/detection": 61.2,
+                       "sun397_acc/partition_01": 40.0, "detection/lr": 0.0001235, "detection/loss": 1.235}
+
+
+def test_params_once_and_identity_hashes_as_tags(uri):
+    tracker = Tracker("layout", uri)
+    run = tracker.trial_run("abc", "t", None)
+    tracker.record(run, "params", {"num_classes": 10, "trial_id": "abc", "label_set_hash": "0123", "seed": 0}, None)
+    data = tracker.client.get_run(run).data
+    assert data.params == {"num_classes": "10", "seed": "0"}
+    assert data.tags[tracking.TRIAL_ID] == "abc" and data.tags[tracking.LABEL_SET_HASH] == "0123"
+
+
+def test_trial_files_are_logged_as_artifacts(uri, tmp_path):
+    tracker = Tracker("files", uri)
+    run = tracker.trial_run("t", "t", None)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "label_set.tsv").write_text("wnid\tgroup_wnid\n")
+    (tmp_path / "per_image").mkdir()
+    (tmp_path / "per_image" / "sun397_predictions.parquet").write_bytes(b"PAR1")
+    (tmp_path / "backbone.pt").write_bytes(b"weights")  # not part of the record
+    tracker.log_trial_files(run, tmp_path, ("config.yaml", "label_set.tsv", "subset.tsv"), ("per_image",))
+    listed = {entry.path for entry in tracker.client.list_artifacts(run)}
+    assert listed == {"config.yaml", "label_set.tsv", "per_image"}
+    assert [entry.path for entry in tracker.client.list_artifacts(run, "per_image")] == [
+        "per_image/sun397_predictions.parquet"]
+
+
+def test_ui_hint_names_this_environments_mlflow_quoted(tmp_path, monkeypatch):
+    store = tmp_path / "a folder" / "mlflow.db"
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    experiment_id = Tracker("hint", uri).experiment_id
+    hint = tracking.ui_hint("hint", uri)
+    command, address = hint.split("\n")
+    assert shlex.split(command)[1:] == ["ui", "--backend-store-uri", uri]  # the space survives the shell
+    assert shlex.split(command)[0].endswith("mlflow")
+    assert address.strip() == (f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+                               "?workflowType=machine_learning&viewStateShareKey=trials")
+    # A tracking server is its own UI; one that does not answer still gets its address.
+    assert tracking.ui_hint("hint", "http://127.0.0.1:9/") == "open http://127.0.0.1:9/"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ def assert_final_metrics_are_the_stages_results(config, work, final, reports):
     """Each headline metric is what its stage reported; mAPs are the means of their classes' APs;
     pretrain_top1 is the saved backbone's top-1 on the subset's validation images, measured again."""
     stages = [payload for kind, payload, _ in reports if kind == "stage"]
-    for metric, prefix in (("voc07_det_map", "voc07_det_ap_"), ("voc12_act_map", "voc12_act_ap_"),
+    for metric, prefix in (("voc07_det_map", "voc07_det_ap/"), ("voc12_act_map", "voc12_act_ap/"),
                            ("sun397_acc", None)):
         (stage,) = [payload for payload in stages if metric in payload]
         assert final[metric] == stage[metric]
@@ -46,20 +48,44 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
                       log=lines.append)
     assert_final_metrics_are_the_stages_results(config, tmp_path / "work", final, reports)
     kinds = [kind for kind, _, _ in reports if kind != "curve"]
-    assert kinds == ["params", "checkpoint", "checkpoint", "stage", "stage", "stage", "final"]
-    stage_reports = [payload for kind, payload, _ in reports if kind == "stage"]
-    assert "voc07_det_map" in stage_reports[0] and "sun397_acc" in stage_reports[2]
+    assert kinds == ["params", "checkpoint", "checkpoint", "stage", "stage", "stage", "stage", "final"]
+    stages = [payload for kind, payload, _ in reports if kind == "stage"]
+    assert "pretrain_top1" in stages[0] and "voc07_det_map" in stages[1] and "sun397_acc" in stages[3]
+    assert [sorted(key for key in stage if key.startswith("seconds/")) for stage in stages] == [
+        ["seconds/pretrain"], ["seconds/detection"], ["seconds/action"], ["seconds/scene"]]
+    assert "seconds/trial" in final
     params = reports[0][1]
     assert params["num_classes"] == 4 and params["images_per_class"] == 8 and params["pretrain_images"] == 32
     assert len(params["subset_hash"]) == 16 and params["label_set"] == "fine"
     # 32 images in batches of 16, 2 epochs (the tiny spec: same_epochs): 4 iterations, a checkpoint
     # at each epoch's end (a run this short), curves with step = iteration.
     assert (params["pretrain_iterations"], params["pretrain_epochs"]) == (4, 2.0)
+    for duplicate in ("pretrain.num_classes", "pretrain.images_per_class", "pretrain.label_set", "name"):
+        assert duplicate not in params  # each fact once, under the study's name
     assert [step for kind, _, step in reports if kind == "checkpoint"] == [2, 4]
-    curves = [(step, payload) for kind, payload, step in reports if kind == "curve"]
-    assert [step for step, payload in curves if "pretrain/loss" in payload] == [1, 2, 3, 4]
-    assert [step for step, payload in curves if "pretrain/val_top1" in payload] == [2, 4]
-    assert [step for step, payload in curves if "scene/loss" in payload] == [1]  # the tiny spec: one epoch
+    # Curves: pretraining's every iteration (curve_every 1) with validation at each checkpoint;
+    # each transfer stage's after each of its epochs (1 here).
+    curves = [(step, sorted(payload)) for kind, payload, step in reports if kind == "curve"]
+    assert [(step, keys) for step, keys in curves if keys[0].startswith("pretrain/")] == [
+        (1, ["pretrain/loss", "pretrain/lr"]), (2, ["pretrain/loss", "pretrain/lr"]), (2, ["pretrain/val_top1"]),
+        (3, ["pretrain/loss", "pretrain/lr"]), (4, ["pretrain/loss", "pretrain/lr"]), (4, ["pretrain/val_top1"])]
+    assert [payload["pretrain/lr"] for kind, payload, _ in reports
+            if kind == "curve" and "pretrain/lr" in payload] == [0.02] * 4
+    assert [(step, keys) for step, keys in curves if not keys[0].startswith("pretrain/")] == [
+        (1, ["detection/loss", "detection/lr"]), (1, ["action/loss", "action/lr"]), (1, ["scene/loss", "scene/lr"])]
+    assert all(value > 0 for kind, payload, _ in reports if kind == "curve" for value in payload.values())
+    # The trial's record: its config, labels and subset, as the files say.
+    work = tmp_path / "work"
+    assert load_spec(work / "config.yaml").trial == config
+    assert (work / "label_set.tsv").read_text().splitlines()[0] == "wnid\tgroup_wnid"
+    assert len((work / "label_set.tsv").read_text().splitlines()) == 1 + 4
+    rows = [line.split("\t") for line in (work / "subset.tsv").read_text().splitlines()]
+    assert rows[0] == ["image_key", "wnid", "manifest_row"] and len(rows) == 1 + 32
+    keys = "\n".join(row[0] for row in rows[1:])
+    assert hashlib.sha256(keys.encode()).hexdigest()[:16] == params["subset_hash"]
+    subset = json.loads((work / "subset.json").read_text())
+    assert subset["subset_hash"] == params["subset_hash"] and subset["images"] == 32 and len(subset["classes"]) == 4
+    assert not (work / "pretrain.pt").exists()  # the pretraining checkpoint goes once the weights are saved
     stages = json.loads((tmp_path / "work" / "stages.json").read_text())
     assert set(stages) == {"pretrain", "detection", "action", "scene"}
     saved = torch.load(tmp_path / "work" / "backbone.pt", weights_only=True)
@@ -76,13 +102,17 @@ def test_trial_runs_every_stage_and_resumes(tmp_path, mini_paths):
 
 def test_interrupted_pretraining_resumes_from_its_checkpoint(tmp_path, mini_paths):
     config = load_spec(tiny_spec(tmp_path / "tiny.yaml", mini_paths)).trials()[0]
-    work = tmp_path / "work"
-    first = run_trial(config, work, lambda *a: None, log=lambda line: None)
-    # Forget everything after pretraining's last checkpoint, as if killed during transfer.
-    (work / "stages.json").unlink()
-    (work / "backbone.pt").unlink()
+    work, snapshot = tmp_path / "work", tmp_path / "checkpoint"
+
+    def report(kind, payload, step):  # the folder as a sweep checkpoints it at pretraining's last checkpoint
+        if kind == "checkpoint" and step == 4:
+            shutil.copytree(work, snapshot)
+
+    first = run_trial(config, work, report, log=lambda line: None)
+    # Start again from that checkpoint, as a retry does after a kill during the transfer stages.
+    assert (snapshot / "pretrain.pt").is_file() and not (snapshot / "backbone.pt").exists()
     lines = []
-    final = run_trial(config, work, lambda *a: None, log=lines.append)
+    final = run_trial(config, snapshot, lambda *a: None, log=lines.append)
     assert any("resumed after iteration 4 (epoch 2.00)" in line for line in lines)
     assert {m: final[m] for m in FINAL_METRICS} == {m: first[m] for m in FINAL_METRICS}
 
@@ -92,7 +122,7 @@ def test_random_init_control_skips_pretraining(tmp_path, mini_paths):
     assert control.pretrain.images_per_class == 0
     reports = []
     run_trial(control, tmp_path / "work", lambda kind, payload, step: reports.append(kind), log=lambda line: None)
-    assert [kind for kind in reports if kind != "curve"] == ["params", "stage", "stage", "stage", "final"]
+    assert reports == ["params", "stage", "curve", "stage", "curve", "stage", "curve", "stage", "final"]
     assert not (tmp_path / "work" / "pretrain.pt").exists()
 
 
@@ -127,6 +157,7 @@ def test_coarse_label_set_trains_on_groups(tmp_path, mini_paths):
     groups = set(label_sets.label_set("up_down_9", list(wordnet_classes(mini_paths))).values())
     assert params["label_set"] == "up_down_9" and params["num_classes"] == len(groups) == 9
     assert params["source_classes"] == 40
+    assert len(json.loads((tmp_path / "work" / "subset.json").read_text())["classes"]) == 40
     fine = label_sets.label_set("fine", list(wordnet_classes(mini_paths)))
     from itl_ray.trial import label_set_hash
 

@@ -1,13 +1,18 @@
 """ILSVRC-2012 in its usual layouts: ``ROOT/train/<wnid>/*.JPEG`` and the validation images either
 sorted into ``ROOT/val/<wnid>/`` or flat in ``ROOT/val/`` (``ILSVRC2012_val_00000001.JPEG`` ...),
 labelled by the devkit: ``ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt`` (one
-ILSVRC2012_ID per image) and ``meta.mat`` (ILSVRC2012_ID -> wnid), unpacked into ROOT. The
-``LOC_val_solution.csv`` of the Kaggle copy (``ImageId,PredictionString``, the wnid first) is read
-as well when there is no devkit.
+ILSVRC2012_ID per image) and ``meta.mat`` (ILSVRC2012_ID -> wnid), unpacked into ROOT.
+
+Kaggle's copy (the ImageNet Object Localization Challenge) is read as well: its images lie in
+``ILSVRC/Data/CLS-LOC/{train,val}`` with a flat ``val/``, labelled by ``LOC_val_solution.csv``
+(``ImageId,PredictionString``, the wnid first) beside ``ILSVRC/``. ROOT may be the folder holding
+``ILSVRC/`` and the CSV, or the ``ILSVRC/Data/CLS-LOC`` folder itself (the CSV is then found three
+levels up, beside ``ILSVRC/``).
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 
@@ -16,6 +21,8 @@ from itl_ray.datasets.devkit import read_meta_synsets, read_val_ground_truth
 from itl_ray.errors import UserError
 
 DEVKIT = "ILSVRC2012_devkit_t12/data"
+KAGGLE_IMAGES = "ILSVRC/Data/CLS-LOC"  # Kaggle's image folder, inside the folder that holds its CSV files
+KAGGLE_SOLUTION = "LOC_val_solution.csv"
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 
 
@@ -51,8 +58,17 @@ def _class_folders(root: Root, split_dir: str) -> dict[str, list[LabeledImage]]:
     return by_class
 
 
-def _flat_val_labels(root: Root) -> dict[int, str]:
-    """Validation image number -> wnid, from the devkit (or the Kaggle solution file)."""
+def _solution_places(root: Root, images_dir: str) -> list[str]:
+    """Where Kaggle's LOC_val_solution.csv may lie: the root, and beside ILSVRC/ when the root is
+    (or holds) ILSVRC/Data/CLS-LOC."""
+    places = [root.path(KAGGLE_SOLUTION)]
+    if not images_dir and root.base.rstrip("/").endswith("/" + KAGGLE_IMAGES):
+        places.append(posixpath.normpath(posixpath.join(root.base, "../../..", KAGGLE_SOLUTION)))
+    return places
+
+
+def _flat_val_labels(root: Root, images_dir: str) -> dict[int, str]:
+    """Validation image number -> wnid, from the devkit (or Kaggle's solution file)."""
     truth, meta = root.path(DEVKIT, "ILSVRC2012_validation_ground_truth.txt"), root.path(DEVKIT, "meta.mat")
     if root.is_file(truth):
         if not root.is_file(meta):
@@ -64,58 +80,72 @@ def _flat_val_labels(root: Root) -> dict[int, str]:
         if unknown:
             raise UserError(f"{root.display(truth)} names ILSVRC2012_ID {unknown[0]}, which meta.mat does not define")
         return {number: wnids[ilsvrc_id] for number, ilsvrc_id in enumerate(ids, start=1)}
-    solution = root.path("LOC_val_solution.csv")
-    if root.is_file(solution):
-        labels = {}
-        for line_number, line in enumerate(read_lines(root.read_text(solution))[1:], start=2):
-            image_id, _, prediction = line.partition(",")
-            match = VAL_NAME.match(image_id + ".JPEG")
-            wnid = prediction.split()[0] if prediction.split() else ""
-            if not match or not is_wnid(wnid):
-                raise UserError(f"{root.display(solution)} line {line_number} is not 'ImageId,wnid ...': {line[:60]!r}")
-            labels[int(match.group(1))] = wnid
-        return labels
-    raise UserError(f"{root.display(root.path('val'))} holds images but no wnid folders: unpack "
-                    f"ILSVRC2012_devkit_t12 into the root (expected {DEVKIT}/ILSVRC2012_validation_ground_truth.txt "
-                    "and meta.mat), or sort val/ into class folders")
+    places = _solution_places(root, images_dir)
+    for solution in places:
+        if root.is_file(solution):
+            return _read_solution(root, solution)
+    val = root.path(images_dir, "val")
+    raise UserError(f"{root.display(val)} holds images but no wnid folders: unpack ILSVRC2012_devkit_t12 into the "
+                    f"root (expected {DEVKIT}/ILSVRC2012_validation_ground_truth.txt and meta.mat), put Kaggle's "
+                    f"{KAGGLE_SOLUTION} at {' or '.join(root.display(place) for place in places)}, or sort val/ into "
+                    "class folders")
 
 
-def _flat_val(root: Root, names: list[str]) -> dict[str, list[LabeledImage]]:
-    labels = _flat_val_labels(root)
+def _read_solution(root: Root, solution: str) -> dict[int, str]:
+    """Kaggle's LOC_val_solution.csv: validation image number -> wnid (the first of its boxes)."""
+    labels = {}
+    for line_number, line in enumerate(read_lines(root.read_text(solution))[1:], start=2):
+        image_id, _, prediction = line.partition(",")
+        match = VAL_NAME.match(image_id + ".JPEG")
+        wnid = prediction.split()[0] if prediction.split() else ""
+        if not match or not is_wnid(wnid):
+            raise UserError(f"{root.display(solution)} line {line_number} is not 'ImageId,wnid ...': {line[:60]!r}")
+        labels[int(match.group(1))] = wnid
+    return labels
+
+
+def _flat_val(root: Root, images_dir: str, names: list[str]) -> dict[str, list[LabeledImage]]:
+    labels = _flat_val_labels(root, images_dir)
+    val = posixpath.join(images_dir, "val")
     by_class: dict[str, list[LabeledImage]] = {}
     for name in names:
         match = VAL_NAME.match(name)
         if not match:
-            raise UserError(f"{root.display(root.path('val', name))}: flat val images must be named like "
+            raise UserError(f"{root.display(root.path(val, name))}: flat val images must be named like "
                             "ILSVRC2012_val_00000001.JPEG")
         number = int(match.group(1))
         if number not in labels:
-            raise UserError(f"{root.display(root.path('val', name))} has no label in the ground truth "
+            raise UserError(f"{root.display(root.path(val, name))} has no label in the ground truth "
                             f"({len(labels)} images labelled)")
-        by_class.setdefault(labels[number], []).append(LabeledImage(f"val/{name}", labels[number]))
+        by_class.setdefault(labels[number], []).append(LabeledImage(f"{val}/{name}", labels[number]))
     return by_class
 
 
 def read_imagenet(location: str) -> ImageNet:
-    """Read and validate an ILSVRC-2012 root (a path or pyarrow URI). Paths in the result are
-    relative to the root. Raises UserError naming the first problem: no ``train/`` or ``val/``,
-    a class folder that is not a wnid, a class without images, flat validation images without
-    their devkit labels, a validation class with no training folder."""
+    """Read and validate an ILSVRC-2012 root (a path or pyarrow URI): the usual layout, or Kaggle's
+    (see the module docstring). Paths in the result are relative to the root. Raises UserError
+    naming the first problem: no ``train/`` or ``val/``, a class folder that is not a wnid, a class
+    without images, flat validation images without their labels (naming every place a label file
+    is looked for), a validation class with no training folder."""
     root = Root(location, "ImageNet")
-    root.required("train", "ILSVRC-2012 train/<wnid>/ folders")
-    root.required("val", "ILSVRC-2012 val/ (wnid folders, or flat with the devkit)")
-    train = _class_folders(root, "train")  # paths relative to the root, like train/n01440764/x.JPEG
+    images_dir = ""  # where train/ and val/ lie, relative to the root
+    if not root.is_dir(root.path("train")) and root.is_dir(root.path(KAGGLE_IMAGES, "train")):
+        images_dir = KAGGLE_IMAGES
+    train_dir, val_dir = posixpath.join(images_dir, "train"), posixpath.join(images_dir, "val")
+    root.required(train_dir, "ILSVRC-2012 train/<wnid>/ folders")
+    root.required(val_dir, "ILSVRC-2012 val/ (wnid folders, or flat with the devkit)")
+    train = _class_folders(root, train_dir)  # paths relative to the root, like train/n01440764/x.JPEG
     if not train:
-        raise UserError(f"{root.display(root.path('train'))} holds no wnid folders; expected train/<wnid>/*.JPEG")
+        raise UserError(f"{root.display(root.path(train_dir))} holds no wnid folders; expected train/<wnid>/*.JPEG")
     empty = [wnid for wnid, images in train.items() if not images]
     if empty:
-        raise UserError(f"{root.display(root.path('train', empty[0]))} holds no images (.JPEG, .jpg or .png)")
-    val = _class_folders(root, "val")
-    flat = [name for name, is_folder in root.entries(root.path("val")) if not is_folder and _is_image(name)]
+        raise UserError(f"{root.display(root.path(train_dir, empty[0]))} holds no images (.JPEG, .jpg or .png)")
+    val = _class_folders(root, val_dir)
+    flat = [name for name, is_folder in root.entries(root.path(val_dir)) if not is_folder and _is_image(name)]
     if not val and flat:
-        val = _flat_val(root, flat)
+        val = _flat_val(root, images_dir, flat)
     if not val:
-        raise UserError(f"{root.display(root.path('val'))} holds no images; expected val/<wnid>/*.JPEG or the "
+        raise UserError(f"{root.display(root.path(val_dir))} holds no images; expected val/<wnid>/*.JPEG or the "
                         "flat val/ILSVRC2012_val_*.JPEG with the devkit")
     unknown = sorted(set(val) - set(train))
     if unknown:

@@ -389,6 +389,32 @@ def _voc12_image(seed: int, image_id: str) -> tuple[bytes, dict]:
     return encode(canvas, rng), {"width": width, "height": height, "objects": objects}
 
 
+def _voc07_photo_image(seed: int, image_id: str, width: int, height: int) -> tuple[bytes, dict]:
+    """A VOC-2007-sized image for benchmarks: a cluttered background and 1 to 6 objects whose
+    shorter side is drawn log-uniformly from 16 px to the image's shorter side (every size bin of
+    the proposal recall report is populated), aspect ratios 1:2 to 2:1, wholly inside the image;
+    larger objects are drawn first so small ones stay visible. No object is difficult."""
+    rng = _rng(seed, "voc07-photo", image_id)
+    canvas = background(width, height, rng, clutter=int(rng.integers(4, 13)))
+    drawn = []
+    for _ in range(int(rng.integers(1, 7))):
+        voc_class = VOC_CLASSES[int(rng.integers(len(VOC_CLASSES)))]
+        synsets = _INSTANCES[voc_class]
+        look = _LOOKS[synsets[int(rng.integers(len(synsets)))]]
+        short = float(np.exp(rng.uniform(np.log(16), np.log(min(width, height)))))
+        long = min(short * rng.uniform(1.0, 2.0), float(max(width, height)))
+        w, h = (long, short) if rng.uniform() < 0.5 else (short, long)
+        w, h = int(min(max(w, 16), width)), int(min(max(h, 16), height))
+        x0, y0 = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+        drawn.append((w * h, voc_class, look, (x0, y0, x0 + w, y0 + h)))
+    objects = []
+    for _, voc_class, look, box in sorted(drawn, key=lambda entry: -entry[0]):
+        paste(canvas, look, box, rng)
+        clipped, truncated = _voc_box(box, width, height)
+        objects.append({"name": voc_class, "box": clipped, "truncated": truncated, "difficult": False})
+    return encode(canvas, rng), {"width": width, "height": height, "objects": objects}
+
+
 def _scene_objects(seed: int) -> dict[str, list[str]]:
     """Each scene's two characteristic objects, drawn without replacement from the pool."""
     pool = scene_pool()
@@ -474,6 +500,15 @@ def _job_voc(args) -> int:
     return 1
 
 
+def _job_voc07_photo(args) -> int:
+    seed, root, image_id, width, height = args
+    data, info = _voc07_photo_image(seed, image_id, width, height)
+    base = Path(root) / "VOC2007"
+    _write(base / "JPEGImages" / f"{image_id}.jpg", data)
+    _write(base / "Annotations" / f"{image_id}.xml", _voc_xml("VOC2007", image_id, info))
+    return 1
+
+
 def _job_sun(args) -> int:
     seed, root, scene, index = args
     name = _sun_file_name(seed, scene, index)
@@ -542,7 +577,7 @@ def write_action_image_sets(devkit: Path, split_ids: dict[str, list[str]]) -> No
         rows = {action: [] for action in ACTION_CLASSES}
         for image_id in ids:
             xml_path = base / "Annotations" / f"{image_id}.xml"
-            image = parse_annotation(xml_path.read_text(), str(xml_path), "JPEGImages")
+            image = parse_annotation(xml_path.read_bytes(), str(xml_path), "JPEGImages")
             for person_index, obj in enumerate(image.objects, start=1):
                 for action in ACTION_CLASSES:
                     rows[action].append(f"{image_id} {person_index} {1 if action in obj.actions else -1:2d}\n")
@@ -593,6 +628,56 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
             train = (action_dir / f"{action}_train.txt").read_text()
             val = (action_dir / f"{action}_val.txt").read_text()
             _write(action_dir / f"{action}_trainval.txt", train + val)
+        (staging / "SYNTH_INFO.json").write_text(json.dumps(stamp, indent=1) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def synthesize_voc2007(out_dir: str | Path, trainval: int, test: int, seed: int = 0,
+                       size: tuple[int, int] = (500, 375), workers: int | None = None, progress=None) -> Path:
+    """Write a generated VOC 2007 detection set at real VOC scale under ``out_dir``:
+    ``VOCdevkit/VOC2007`` with ``trainval`` + ``test`` images of ``size`` (width, height) px
+    (VOC 2007 has 5,011 + 4,952 images, most 500 x 375), each with 1 to 6 objects of every size
+    from 16 px to the whole image (``_voc07_photo_image``). For benchmarks of proposals and
+    detection at the real data's scale; the mini-benchmark is ``synthesize``.
+
+    Returns ``out_dir`` (absolute); an existing set with the same settings is kept. Written into a
+    staging folder renamed at the end. ``progress(done, total)`` is called every 100 images.
+    Raises UserError when ``out_dir`` holds something else, or when WordNet is missing."""
+    out = Path(out_dir).expanduser().resolve()
+    stamp = {"format_version": FORMAT_VERSION, "kind": "voc2007-photo", "seed": seed, "trainval": trainval,
+             "test": test, "size": list(size)}
+    info_file = out / "SYNTH_INFO.json"
+    if info_file.is_file():
+        if json.loads(info_file.read_text()) == stamp:
+            return out
+        raise UserError(f"{out} already holds a generated set made with other settings; choose another folder")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not an itl_ray generated set; choose an empty or new folder")
+    wordnet.load()
+    instances = instance_synsets()
+    looks = {wnid: look_of(wnid, seed) for wnid in sorted({w for synsets in instances.values() for w in synsets})}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        devkit = staging / "VOCdevkit"
+        ids = [f"{i:06d}" for i in range(1, trainval + test + 1)]
+        main = devkit / "VOC2007" / "ImageSets" / "Main"
+        _write(main / "trainval.txt", "".join(f"{i}\n" for i in ids[:trainval]))
+        _write(main / "test.txt", "".join(f"{i}\n" for i in ids[trainval:]))
+        jobs = [(_job_voc07_photo, (seed, str(devkit), image_id, size[0], size[1])) for image_id in ids]
+        done = 0
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, initializer=_init_worker,
+                                 initargs=(looks, instances)) as pool:
+            for count in pool.map(_run, jobs, chunksize=16):
+                done += count
+                if progress and (done % 100 == 0 or done == len(jobs)):
+                    progress(done, len(jobs))
         (staging / "SYNTH_INFO.json").write_text(json.dumps(stamp, indent=1) + "\n")
         if out.exists():
             out.rmdir()

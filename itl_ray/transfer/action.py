@@ -48,7 +48,8 @@ def person_crops(images: list[VocImage], size: int, context: float) -> tuple[tor
 
 
 def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage], config: ActionConfig,
-                    device: torch.device, seed: int, log: Callable[[str], None] = print) -> dict[str, float]:
+                    device: torch.device, seed: int, log: Callable[[str], None] = print,
+                    curve: Callable[[dict[str, float], int], None] | None = None) -> dict[str, float]:
     """PASCAL-ACT-CLS: fine-tune a copy of ``backbone`` (multi-label, a new 10-way fc8, every layer
     trained: ``finetune``) on the persons of ``train``, score the persons of ``val``.
 
@@ -56,20 +57,21 @@ def evaluate_action(backbone: AlexNet, train: list[VocImage], val: list[VocImage
     ``short_side_for(backbone.resolution)`` px (random crops of the model's resolution in training,
     the center crop at test). Returns percent: ``voc12_act_map``, the mean over the actions with a
     val person of VOC 2012's AP (area under the precision envelope, the devkit's VOCevalaction),
-    and ``voc12_act_ap_<action>`` for each of those actions; an action without val persons has no
+    and ``voc12_act_ap/<action>`` for each of those actions; an action without val persons has no
     AP and is left out. The caller's backbone is not changed. Random draws: the order, crops and
     flips from ``seed``; the new fc8 and dropout from torch's global generator (which the trial
-    seeds). Raises UserError when a split holds no annotated person."""
+    seeds). ``curve`` gets ``action/loss`` and ``action/lr`` at step = epoch (``finetune``). Raises
+    UserError when a split holds no annotated person."""
     size = short_side_for(backbone.resolution)
     train_x, train_y = person_crops(train, size, config.context)
     val_x, val_y = person_crops(val, size, config.context)
     model = finetune(backbone, train_x, train_y, len(ACTION_CLASSES), config, device, seed,
-                     multi_label=True, log=log, task="voc12_action")
+                     multi_label=True, log=log, task="action", curve=curve)
     scores = predict(model, val_x, device)
     aps = {
         action: metrics.average_precision(scores[:, column].numpy(), val_y[:, column].numpy(), eleven_point=False)
         for column, action in enumerate(ACTION_CLASSES)
     }
-    result = {f"voc12_act_ap_{action}": 100 * ap for action, ap in aps.items() if ap == ap}
+    result = {f"voc12_act_ap/{action}": 100 * ap for action, ap in aps.items() if ap == ap}
     result["voc12_act_map"] = 100 * metrics.mean_ap(aps.values())  # actions without val positives skipped
     return result

@@ -40,7 +40,7 @@ better than where the object's edges are, and its box regression has little to g
 resolution 96 g is 2, at 128 it is 3 (see ``itl_ray.models.pool5_grid``).
 
 Classes with no non-difficult object in the test images have no AP: they are left out of the
-mean and their ``voc07_det_ap_<class>`` key is omitted (not NaN, which tracking backends and
+mean and their ``voc07_det_ap/<class>`` key is omitted (not NaN, which tracking backends and
 tables handle badly); a log line names them.
 
 Boxes inside this module are in the scaled image's pixel-index coordinates (0-based, corners
@@ -442,7 +442,7 @@ def _detection_loss(
 
 
 def _train(model: FastRCNN, images: list[_Image], proposals: _Proposals, config: DetectionConfig,
-           generator: torch.Generator, device: torch.device, log) -> None:
+           generator: torch.Generator, device: torch.device, log, curve=None) -> None:
     conv = list(model.features.parameters())
     conv_ids = {id(p) for p in conv}
     rest = [p for p in model.parameters() if id(p) not in conv_ids]
@@ -476,6 +476,8 @@ def _train(model: FastRCNN, images: list[_Image], proposals: _Proposals, config:
         log(f"detection epoch {epoch + 1}/{config.epochs}: loss {classification + regression:.4f} "
             f"(classification {classification:.4f}, box {regression:.4f}), lr {lr:g}, "
             f"{time.perf_counter() - started:.1f}s")
+        if curve is not None:
+            curve({"detection/loss": classification + regression, "detection/lr": lr}, epoch + 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -549,15 +551,19 @@ def evaluate_detection(
     device: torch.device,
     seed: int,
     log=print,
+    curve=None,
     runtime: DetectionRuntime = DetectionRuntime(),
 ) -> dict[str, float]:
     """Fine-tune a copy of ``backbone`` as a Fast R-CNN detector on ``trainval`` and measure it on
-    ``test``. Returns percent: ``voc07_det_map`` and ``voc07_det_ap_<class>`` for each VOC class
+    ``test``. Returns percent: ``voc07_det_map`` and ``voc07_det_ap/<class>`` for each VOC class
     that has a non-difficult object in ``test`` (the others are logged and left out). ``runtime``:
     how fast, not what (``DetectionRuntime``).
 
     The caller's backbone is not modified. Runs are deterministic for a seed on CPU: every random
     draw comes from ``seed`` (global RNG state, which dropout uses, is restored afterwards).
+    ``curve`` (when given) gets ``detection/loss`` (the epoch's mean classification + box loss)
+    and ``detection/lr`` (the rate of fc6 onwards; the conv layers' is ``conv_lr_scale`` times it)
+    at step = epoch.
     """
     if not trainval:
         raise UserError("the VOC 2007 trainval split is empty: the detector has nothing to train on")
@@ -576,7 +582,7 @@ def evaluate_detection(
         torch.manual_seed(seed)  # dropout draws from the global generator
         generator = torch.Generator().manual_seed(seed)
         model = FastRCNN(copy.deepcopy(backbone), len(VOC_CLASSES), generator).to(device)
-        _train(model, train_images, proposals, config, generator, device, log)
+        _train(model, train_images, proposals, config, generator, device, log, curve)
         detections = _detect(model, test_images, proposals, config, device, runtime.test_batch_size)
 
     metrics: dict[str, float] = {}
@@ -589,7 +595,7 @@ def evaluate_detection(
         if math.isnan(ap):
             absent.append(name)
             continue
-        metrics[f"voc07_det_ap_{name}"] = 100 * ap
+        metrics[f"voc07_det_ap/{name}"] = 100 * ap
         aps.append(ap)
     if not aps:
         raise UserError("the VOC 2007 test images have no non-difficult object of any class: mAP is undefined")
