@@ -6,12 +6,12 @@ trial, found again by its trial id on a retry or resume). ``Tuner``, ``TuneConfi
 ``RunConfig`` are built in ``run_sweep``, in one place.
 
 Where a trial's state lives: the trial works in a node-local folder (its Tune trial directory)
-and reports that folder as a Tune checkpoint with every epoch, finished stage and final result.
-Ray copies each checkpoint to ``spec.storage`` (a local path, or s3:// on a cluster), which every
+and reports that folder as a Tune checkpoint with every pretraining checkpoint, finished stage and
+final result. Ray copies each checkpoint to ``spec.storage`` (a local path, or s3:// on a cluster), which every
 node sees. A trial that Tune retries (``FailureConfig``), on this node or another, starts from its
 last checkpoint; ``--resume`` starts each trial from the checkpoint that its MLflow run names (tag
 ``itl.checkpoint``, set as each checkpoint arrives). Either way pretraining resumes after its last
-finished epoch and finished transfer stages are skipped (``trial.run_trial``).
+checkpoint and finished transfer stages are skipped (``trial.run_trial``).
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
 sweep every trial's log is recorded again; ``Tracker`` skips a metric step it already holds.
@@ -21,7 +21,7 @@ done, running, pending, time left) as trials start, end and report, and each tri
 they come, without Ray's log prefixes, de-duplication or colour codes (``console.quiet_ray``). Ray's storage keeps what
 ``--resume`` needs: each trial's latest checkpoint (the working folder: stage results, weights,
 report log, record) and Tune's small state files; Tune's result loggers (JSON, CSV, TensorBoard)
-are off, and pretraining's epoch checkpoint leaves the folder once the weights are saved.
+are off, and pretraining's checkpoint leaves the folder once the weights are saved.
 """
 
 from __future__ import annotations
