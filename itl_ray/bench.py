@@ -5,7 +5,7 @@ pipeline + the same training, on the same generated images, in one run.
    generated deterministically (a lit colour field, shapes, grain and sensor noise), written as an
    ImageNet folder (``train/<wnid>/*.JPEG`` and ``val/<wnid>/``) that ImageFolder reads directly.
 2. Shards: the same folder prepared by ``itl_ray.prepare`` as a trial's data is, with the shorter
-   side stored at ``short_side`` (default 256/224 of the resolution: 256 at 224 px, 73 at 64 px).
+   side stored at ``short_side`` (default 256/227 of the resolution: 253 at 224 px, 72 at 64 px).
 3. Timing, each after warm-up steps that are not counted, the same model, batch and resolution:
    - baseline: torchvision ImageFolder + PIL + RandomResizedCrop + flip + ToTensor + Normalize in a
      DataLoader (workers = cores, shuffled, pinned memory on CUDA), the training step in eager mode;
@@ -62,7 +62,7 @@ class BenchSettings:
     # fast_loader.default_workers for the project.
     workers: int = 0
     prefetch: int = 4
-    short_sides: tuple[int, ...] = ()  # stored shorter side of the project's shards; empty: 256/224 of the resolution
+    short_sides: tuple[int, ...] = ()  # stored shorter side of the project's shards; empty: 256/227 of the resolution
     cpu_decode_shares: tuple[float, ...] = (0.5,)  # CUDA: fraction of each batch decoded by CPU threads
     compile: str = "auto"  # project's training step: auto (on CUDA), on, off
     max_seconds: float = 0.0  # skip the project runs that would end after this many seconds of the bench; 0: none

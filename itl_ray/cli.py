@@ -184,7 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="DataLoader processes and decode threads (default: all cores for the DataLoader, "
                             "the pipeline's own choice of decode threads)")
     bench.add_argument("--short-side", default=None, metavar="PX[,PX...]",
-                       help="shorter side of the project's shards, one run each (default: 256/224 of the resolution)")
+                       help="shorter side of the project's shards, one run each (default: 256/227 of the resolution)")
     bench.add_argument("--cpu-share", default=None, metavar="F[,F...]",
                        help="CUDA: fractions of each batch decoded by CPU threads, one run each (default: 0,0.5)")
     bench.add_argument("--compile", choices=("auto", "on", "off"), default=None,
@@ -246,7 +246,7 @@ def command_trial(args) -> int:
     process, tracked in MLflow unless ``--no-track``; prints the headline metrics."""
     from itl_ray.config import load_spec, override, parse_overrides, trial_id
     from itl_ray.sweep import ordered_trials
-    from itl_ray.metrics import FINAL_METRICS
+    from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
     from itl_ray.trial import read_inputs, run_trial
 
     trials = ordered_trials(load_spec(args.spec))
@@ -276,7 +276,7 @@ def command_trial(args) -> int:
         tracker.log_trial_files(run_id, workdir, RECORD_FILES, (PER_IMAGE,))
         tracker.finish(run_id)
         print(f"MLflow run {run_id} in {tracker.uri}; look at it with:\n  {ui_hint(config.name)}")
-    print("  ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    print("  ".join(f"{key} {final[key]:.1f}" for key in (*FINAL_METRICS, *INDUCTION_METRICS) if key in final))
     return 0
 
 

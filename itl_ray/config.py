@@ -49,13 +49,14 @@ import yaml
 from itl_ray.bounds import Ge, Gt, Interval, Le, Len, Lt, MaxLen, MinLen
 
 from itl_ray.errors import UserError
-from itl_ray.models import MIN_RESOLUTION
+from itl_ray.models import MIN_RESOLUTION, Init, Variant
 from itl_ray.pretrain import PretrainConfig, PretrainRuntime
 from itl_ray.shards import PREPARE_KINDS, Prepared, prepared_paths, read_info
 from itl_ray.study import EXPERIMENT_NAME, as_experiment_name
 from itl_ray.transfer.action import ActionConfig, ActionRuntime
 from itl_ray.transfer.detection import DetectionConfig, DetectionRuntime
-from itl_ray.transfer.scene import SceneConfig
+from itl_ray.transfer.induction import InductionConfig, InductionRuntime
+from itl_ray.transfer.scene import SceneConfig, SceneRuntime
 
 MINI_PATHS = prepared_paths("data/mini-shards")  # where `make demo` prepares the mini-benchmark
 
@@ -68,29 +69,33 @@ class DataConfig:
     imagenet: Annotated[str, MinLen(1)] = MINI_PATHS["imagenet"]  # prepared imagenet
     voc2007: Annotated[str, MinLen(1)] = MINI_PATHS["voc2007"]  # prepared voc2007
     voc2012: Annotated[str, MinLen(1)] = MINI_PATHS["voc2012"]  # prepared voc2012-action
-    sun397: Annotated[str, MinLen(1)] = MINI_PATHS["sun397"]  # prepared sun397
-    # Which of SUN397's 10 official train/test partitions (Partitions/Training_NN.txt, Testing_NN.txt).
-    sun397_partition: Annotated[int, Interval(ge=1, le=10)] = 1
+    sun397: Annotated[str, MinLen(1)] = MINI_PATHS["sun397"]  # prepared sun397 (which partitions: transfer.scene.partitions)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """AlexNet size (``itl_ray.models.AlexNet``). The study: width 1.0 at 227 px (Caffe's
-    bvlc_alexnet); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
+    """AlexNet (``itl_ray.models.AlexNet``). The study: Caffe's network at width 1.0 and 227 px
+    (``variant``: bvlc_reference_caffenet by default, or bvlc_alexnet; ``init``: caffe, the
+    prototxt's Gaussians, or kaiming); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
 
     width: Annotated[float, Gt(0)] = 1.0  # channel multiplier of every layer (1.0: the study's AlexNet)
     # Square input side for pretraining and classification transfer, px; below MIN_RESOLUTION (39)
     # pool5 has no cell.
     resolution: Annotated[int, Ge(MIN_RESOLUTION)] = 227
+    # Which Caffe prototxt: bvlc_reference_caffenet (LRN after pooling) or bvlc_alexnet (before).
+    variant: Variant = "bvlc_reference_caffenet"
+    init: Init = "caffe"  # caffe: the prototxt's Gaussian fillers; kaiming: He initialisation (small nets)
 
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """The three transfer evaluations; each fine-tunes the whole pretrained network."""
+    """The three transfer evaluations, each fine-tuning the whole pretrained network, and induction
+    accuracy (nearest neighbours on fc7 features, off unless ``induction.enabled``)."""
 
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     action: ActionConfig = field(default_factory=ActionConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)
+    induction: InductionConfig = field(default_factory=InductionConfig)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class RuntimeConfig:
     pretrain: PretrainRuntime = field(default_factory=PretrainRuntime)
     detection: DetectionRuntime = field(default_factory=DetectionRuntime)
     action: ActionRuntime = field(default_factory=ActionRuntime)
+    scene: SceneRuntime = field(default_factory=SceneRuntime)
+    induction: InductionRuntime = field(default_factory=InductionRuntime)
 
 
 @dataclass(frozen=True)
@@ -349,6 +356,10 @@ MOVED: dict[str, str] = {
     "transfer.detection.rois_per_image": "transfer.detection.rois_per_batch",
     "transfer.detection.lr_drop_at": "transfer.detection.lr_step",
     **{f"transfer.action.{key}": f"transfer.action.crops.{key}" for key in ("context", "batch_size", "lr_drop_every")},
+    "transfer.scene.cache_gib": "runtime.scene.cache_gib",
+    "transfer.induction.batch_size": "runtime.induction.batch_size",
+    "transfer.induction.classes_per_chunk": "runtime.induction.classes_per_chunk",
+    "data.sun397_partition": "transfer.scene.partitions",
 }
 
 

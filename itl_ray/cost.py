@@ -8,9 +8,10 @@ counted by ``torch.utils.flop_counter`` on the meta device, so nothing is alloca
 
 where F is one image's forward FLOPs through the network the stage runs, F_ref that of the network
 the throughput was measured on, and a training step costs about three forward passes (forward,
-backward for activations, backward for weights). Stages: pretraining (and its validation after
-every epoch) and the action and scene fine-tunings (whole network on each crop) scale from the
-classification figure; Fast R-CNN detection on VOC 2007 (conv1..conv5 on the whole scaled image,
+backward for activations, backward for weights). Stages: pretraining (its schedule from
+``pretrain.plan_schedule``, and a validation pass at each checkpoint), the action and scene
+fine-tunings (whole network on each crop; SUN397 once per partition) and induction accuracy (a
+forward pass per memory and validation image) scale from the classification figure; Fast R-CNN detection on VOC 2007 (conv1..conv5 on the whole scaled image,
 fc6/fc7 on each region: ``rois_per_image`` in training, every proposal at test) from its own
 figure, ``DETECTION_IMG_PER_S``.
 
@@ -156,9 +157,17 @@ def detection_flops(width: float, resolution: int, height: int, image_width: int
 # ---------------------------------------------------------------------------------------------
 
 def iterations(images: int, epochs: int, batch_size: int) -> int:
-    """SGD steps of a pretraining: ``epochs`` passes over ``images`` in batches of ``batch_size``
-    (the last, smaller batch of an epoch is a step too)."""
+    """SGD steps of ``epochs`` passes over ``images`` in batches of ``batch_size`` (the last,
+    smaller batch of an epoch is a step too)."""
     return epochs * math.ceil(images / batch_size) if images else 0
+
+
+def validations(schedule, checkpoint_every: int) -> int:
+    """Validation passes of a pretraining: one per checkpoint (every ``checkpoint_every``
+    iterations and at the end; at every epoch's end in a run shorter than ``checkpoint_every``)."""
+    if schedule.iterations < checkpoint_every:
+        return math.ceil(schedule.iterations / schedule.batches_per_epoch)
+    return schedule.iterations // checkpoint_every + (schedule.iterations % checkpoint_every > 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -192,8 +201,10 @@ def _drawn_from(label_set: str, classes: tuple[str, ...]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class PretrainingSize:
     images: int  # training images of the subset
-    val_images: int  # validation images of its classes (evaluated after every epoch)
+    val_images: int  # validation images of its classes (evaluated at every checkpoint)
     nominal: bool  # True: ILSVRC-2012's nominal counts, the prepared data was not there
+    full_images: int = NOMINAL["imagenet_train_images"]  # the whole training set: the schedule's reference
+    classes: int = 0  # fine classes of the subset (induction's memory holds some of each)
 
 
 def pretraining_size(config) -> PretrainingSize:
@@ -210,7 +221,8 @@ def pretraining_size(config) -> PretrainingSize:
         pool = _drawn_from(pre.label_set, tuple(sorted(train)))
         chosen = subsets.choose_classes(pool, pre.num_classes, config.seed) if pre.images_per_class else pool
         images = sum(min(train[wnid], pre.images_per_class) for wnid in chosen)
-        return PretrainingSize(images, sum(val.get(wnid, 0) for wnid in chosen), nominal=False)
+        return PretrainingSize(images, sum(val.get(wnid, 0) for wnid in chosen), nominal=False,
+                               full_images=sum(train.values()), classes=len(chosen))
     classes = NOMINAL["imagenet_classes"]
     if pre.label_set == "pascal_removed":
         classes = NOMINAL["pascal_removed_classes"]
@@ -218,7 +230,8 @@ def pretraining_size(config) -> PretrainingSize:
         classes = NOMINAL["split_classes"]
     classes = min(classes, pre.num_classes or classes)
     per_class = min(pre.images_per_class, NOMINAL["imagenet_train_images"] / NOMINAL["imagenet_classes"])
-    return PretrainingSize(round(classes * per_class), classes * NOMINAL["imagenet_val_per_class"], nominal=True)
+    return PretrainingSize(round(classes * per_class), classes * NOMINAL["imagenet_val_per_class"], nominal=True,
+                           classes=classes)
 
 
 def _prepared_count(folder: str, kind: str, split: str, persons: bool = False) -> int | None:
@@ -244,16 +257,18 @@ def transfer_sizes(config) -> dict[str, int]:
     """Training and test images (persons for actions) of the three transfer tasks: the prepared
     data's counts where it is there, else the real datasets' nominal ones."""
     data = config.data
-    partition = f"{data.sun397_partition:02d}"
     counted = {
         "voc2007_trainval": _prepared_count(data.voc2007, "voc2007", "trainval"),
         "voc2007_test": _prepared_count(data.voc2007, "voc2007", "test"),
         "voc2012_action_train_persons": _prepared_count(data.voc2012, "voc2012-action", "train", persons=True),
         "voc2012_action_val_persons": _prepared_count(data.voc2012, "voc2012-action", "val", persons=True),
-        "sun397_train": _prepared_count(data.sun397, "sun397", f"Training_{partition}"),
-        "sun397_test": _prepared_count(data.sun397, "sun397", f"Testing_{partition}"),
     }
-    return {key: NOMINAL[key] if value is None else value for key, value in counted.items()}
+    sizes = {key: NOMINAL[key] if value is None else value for key, value in counted.items()}
+    for key, split in (("sun397_train", "Training"), ("sun397_test", "Testing")):  # summed over the partitions run
+        per_partition = [_prepared_count(data.sun397, "sun397", f"{split}_{number:02d}")
+                         for number in config.transfer.scene.partitions]
+        sizes[key] = sum(NOMINAL[key] if count is None else count for count in per_partition)
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +297,14 @@ def trial_cost(config, speed: Throughput) -> TrialCost:
     pre = config.pretrain
     size = pretraining_size(config)
     image = image_flops(width, resolution)
-    pretrain_flops = pre.epochs * (3 * size.images + size.val_images) * image if size.images else size.val_images * image
+    if size.images:
+        from itl_ray.pretrain import plan_schedule
+
+        plan = plan_schedule(pre, size.images, max(size.images, size.full_images))
+        steps, seen = plan.iterations, min(plan.iterations * pre.batch_size, plan.epochs * size.images)
+        pretrain_flops = (3 * seen + validations(plan, pre.checkpoint_every) * size.val_images) * image
+    else:
+        steps, pretrain_flops = 0, size.val_images * image
 
     sizes = transfer_sizes(config)
     detection = config.transfer.detection
@@ -311,10 +333,12 @@ def trial_cost(config, speed: Throughput) -> TrialCost:
     ref_convolutions, ref_region = detection_flops(ref_width, ref_resolution, ref_height, ref_image_width)
     region_seconds = (detection_flops_total + action_flops) / (
         3 * (ref_convolutions + ref_regions * ref_region) * DETECTION_IMG_PER_S)
-    classification_flops = image * (scene.epochs * 3 * sizes["sun397_train"] + sizes["sun397_test"])
+    induction = config.transfer.induction
+    induction_images = size.classes * induction.train_per_class + size.val_images if induction.enabled else 0
+    classification_flops = image * (scene.epochs * 3 * sizes["sun397_train"] + sizes["sun397_test"] + induction_images)
     return TrialCost(
         pretrain_images=size.images,
-        iterations=iterations(size.images, pre.epochs, pre.batch_size),
+        iterations=steps,
         pretrain_gpu_hours=pretrain_flops * seconds_per_flop / 3600,
         transfer_gpu_hours=(region_seconds + classification_flops * seconds_per_flop) / 3600,
         nominal=size.nominal,

@@ -7,7 +7,7 @@ batches, on the GPU where there is one.
      seeded generator before anything is decoded (``crop_plans``).
   2. Pixels, from one of three sources:
      - cache: a set that fits ``cache_gib`` is decoded once into uint8 squares (shorter side
-       resized to 256/224 of the crop, center square: Caffe's ImageNet recipe, as
+       resized to 256/227 of the crop, center square: Caffe's ImageNet recipe, as
        ``images.load_squares``), kept on the training device; batches are cut from it (the demo's
        subsets go this way).
      - CPU threads: ``workers`` threads decode the JPEG bytes (torchvision.io's decoder releases the
@@ -25,7 +25,7 @@ batches, on the GPU where there is one.
 
 Where the time goes on a CPU (this project's 2-core machine, measured): JPEG decode dominates and
 grows with the stored size (500x375: about 1 ms per image; 97x73: 0.1 ms), so shards prepared at
-the shorter side the crops need (256 for 224 px, 73 for 64 px) are the main saving; PIL decodes
+the shorter side the crops need (256 for 227 px, 72 for 64 px) are the main saving; PIL decodes
 these small images at half torchvision.io's speed; a uint8 antialiased resize costs 0.04-0.3 ms;
 Python costs a few microseconds per image. Decoding beside a CPU training step must not share its
 cores: torch's OpenMP threads spin at barriers, and such steps ran up to 10x slower on a busy
@@ -205,12 +205,15 @@ class FastLoader:
         return out
 
     # -- one epoch
-    def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, generator: torch.Generator | None = None,
+              start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches: (images float Bx3xRxR, ImageNet-normalised, labels int64 B) on the
         device, ``batch_size`` per batch (the last may be smaller). Training draws the order, crops
         and flips from ``generator`` (required; ValueError without it); evaluation takes the images
-        in order, center crops. Raises UserError naming the row of an image that cannot be decoded
-        or whose size differs from the manifest's."""
+        in order, center crops. ``start``: the first batch to make (a run resumed mid-epoch): the
+        whole epoch is drawn all the same, so the generator ends where a full epoch leaves it, and
+        the batches before ``start`` are not decoded. Raises UserError naming the row of an image
+        that cannot be decoded or whose size differs from the manifest's."""
         count = len(self.images)
         if self.cache is not None:
             heights = widths = np.full(count, self.side, dtype=np.int64)
@@ -218,7 +221,8 @@ class FastLoader:
             heights, widths = self.heights, self.widths
         order, plans, flips = epoch_plan(heights, widths, self.augment, self.resolution, self.batch_size, self.train,
                                          generator)
-        batches = [(start, min(count, start + self.batch_size)) for start in range(0, count, self.batch_size)]
+        batches = [(first, min(count, first + self.batch_size)) for first in range(0, count, self.batch_size)]
+        batches = batches[start:]
         if self.cache is not None:
             return self._cached(order, plans, flips, batches)
         if self.device.type == "cuda" or self._producer:

@@ -5,8 +5,9 @@ same way: decoded to RGB uint8 3xHxW, resized with antialiased bilinear interpol
 float and rounded to the nearest level (``resize_uint8``), normalised with ImageNet's channel
 means and standard deviations (``normalize``).
 
-Crop sizes follow the usual ImageNet recipe: images are resized so the shorter side is 256 px and
-224 px crops are cut from them; at other crop sizes the same ratio holds (``short_side_for``).
+Crop sizes follow Caffe's ImageNet recipe, the study's: images stored at 256 px, 227 px crops cut
+from them (``CAFFE_SHORT_SIDE``, ``CAFFE_CROP``); at other crop sizes the same ratio holds
+(``short_side_for``), so images prepared at that shorter side are cropped and never resampled.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image
 
 from itl_ray.errors import UserError
+
+# Caffe's ImageNet recipe: images resized to 256 px (examples/imagenet/create_imagenet.sh,
+# RESIZE_HEIGHT=256 RESIZE_WIDTH=256), random 227 px crops (models/bvlc_reference_caffenet/
+# train_val.prototxt, ``transform_param { crop_size: 227 }``). Caffe warps the whole image to
+# 256x256; this project keeps the aspect ratio (shorter side 256, centre square): an assumption.
+CAFFE_SHORT_SIDE = 256  # px
+CAFFE_CROP = 227  # px
 
 # ImageNet's channel means and standard deviations (the usual torchvision values, in 0..1 units),
 # shaped 1x3x1x1 to broadcast over an Nx3xHxW batch.
@@ -109,7 +117,89 @@ def center_crops(batch: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def short_side_for(resolution: int) -> int:
-    """Shorter side (px) an image is resized to before ``resolution`` px crops: 256 for 224, the
-    usual ImageNet ratio (torchvision's references; Caffe's bvlc_alexnet cuts 227 px crops from
-    256 px images), rounded to whole pixels (73 for 64)."""
-    return round(resolution * 256 / 224)
+    """Shorter side (px) an image is resized to before ``resolution`` px crops: Caffe's ratio,
+    256 for 227 (``CAFFE_SHORT_SIDE`` / ``CAFFE_CROP``), rounded to whole pixels (72 for 64, 253
+    for 224). Images prepared at this shorter side are cropped as stored: no resampling, and in
+    particular no upsampling (ImageNet's default ``itl-ray prepare`` side is 256, the crop 227)."""
+    return round(resolution * CAFFE_SHORT_SIDE / CAFFE_CROP)
+
+
+class SquareImages:
+    """Images of a prepared dataset as ``load_squares`` makes them (shorter side ``size`` px,
+    centre square: uint8 3 x size x size), decoded when a batch is asked for, so memory holds a
+    batch, not the dataset: ``squares[positions]`` (a 1-d int64 tensor or a slice of positions in
+    ``rows``) -> uint8 B x 3 x size x size, the same as indexing ``load_squares`` of all of them.
+
+    ``data``: anything with ``read(rows) -> list[bytes]`` (``shards.Prepared``); ``rows``: its rows.
+    ``threads`` decode a batch side by side (torchvision.io's decoder releases the GIL; each thread
+    runs torch ops on itself alone). When the decoded squares of all rows fit ``cache_bytes`` they
+    are decoded once, at the first batch, and kept (the mini-benchmark's sets; real SUN397 at 256
+    px needs 3.9 GB for a partition's training images, so it streams). Use it as a context manager,
+    or ``close()`` it, to stop the threads. Raises UserError naming the row of an image that cannot
+    be decoded."""
+
+    def __init__(self, data, rows, size: int, threads: int = 1, cache_bytes: int = 0):
+        self.data, self.rows, self.size = data, [int(row) for row in rows], size
+        self.threads = max(1, threads)
+        self.cacheable = len(self.rows) * 3 * size * size <= cache_bytes
+        self._cache: torch.Tensor | None = None
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __enter__(self) -> "SquareImages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the decode threads (the cache, if any, stays)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _start_pool(self):
+        from concurrent.futures import ThreadPoolExecutor
+        import threading
+
+        before = torch.get_num_threads()
+        started = threading.Barrier(self.threads)
+
+        def single_threaded():
+            torch.get_num_threads()  # settle this thread's count, so that the next line sticks
+            torch.set_num_threads(1)
+
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="itl-squares", initializer=single_threaded)
+        for future in [self._pool.submit(started.wait) for _ in range(self.threads)]:
+            future.result()
+        torch.set_num_threads(before)  # the count of threads started later is process-wide
+
+    def _decode(self, rows: list[int]) -> torch.Tensor:
+        out = torch.empty((len(rows), 3, self.size, self.size), dtype=torch.uint8)
+
+        def one(index: int, data) -> None:
+            image = decode_rgb(data, f"row {rows[index]}")
+            out[index] = center_square(resize_short_side(image, self.size), self.size)
+
+        encoded = self.data.read(rows)
+        if self.threads == 1 or len(rows) < 2 * self.threads:
+            for index, data in enumerate(encoded):
+                one(index, data)
+            return out
+        if self._pool is None:
+            self._start_pool()
+        for future in [self._pool.submit(one, index, data) for index, data in enumerate(encoded)]:
+            future.result()
+        return out
+
+    def __getitem__(self, positions) -> torch.Tensor:
+        if isinstance(positions, slice):
+            positions = torch.arange(len(self.rows))[positions]
+        positions = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+        if self.cacheable:
+            if self._cache is None:
+                self._cache = self._decode(self.rows)
+            return self._cache[positions]
+        return self._decode([self.rows[int(position)] for position in positions])

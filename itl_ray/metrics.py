@@ -62,6 +62,10 @@ FINAL_METRICS = ("pretrain_top1", "voc07_det_map", "voc12_act_map", "sun397_acc"
 # groups a chart per prefix).
 DETECTION_AP = "voc07_det_ap"
 ACTION_AP = "voc12_act_ap"
+# Induction accuracy (transfer/induction.py), in percent, where a trial runs it: nearest-neighbour
+# top-1 and top-5 of the 1000 fine classes on fc7 features.
+INDUCTION_METRICS = ("induction_top1", "induction_top5")
+
 
 
 def matlab_colon(start: float, step: float, stop: float) -> tuple[float, ...]:

@@ -55,8 +55,10 @@ from itl_ray.shards import (FORMAT_VERSION, INFO, KINDS, MANIFEST, PLAN, PROPOSA
                             proposals_path, read_proposals, read_shard, shard_path, shard_skipped, write_proposals,
                             write_shard)
 
-# Stored shorter side per kind: ImageNet and SUN397 are trained on 224-227 px crops of 256 px images;
-# VOC images (at most 500 px) are kept at their size for detection and person crops.
+# Stored shorter side per kind: ImageNet and SUN397 are trained on 227 px crops of 256 px images
+# (Caffe's recipe: images.CAFFE_SHORT_SIDE, which this module does not import to stay free of torch;
+# tests/test_crop_plans.py checks they agree); VOC images (at most 500 px) are kept at their size
+# for detection and person crops.
 DEFAULT_SHORT_SIDE = {"imagenet": 256, "voc2007": 0, "voc2012-action": 0, "sun397": 256}
 VOC2007_SPLITS = ("train", "val", "trainval", "test")  # trainval and test are required
 VOC2012_SPLITS = ("train", "val", "trainval")  # train and val are required
@@ -113,8 +115,10 @@ def _voc_items(images_by_split: dict[str, list]) -> list[Item]:
     return items
 
 
-def plan_items(kind: str, location: str) -> list[Item]:
-    """Validate the dataset at ``location`` and list its images (the kind's reader does the checks)."""
+def plan_items(kind: str, location: str, warnings: list[str] | None = None) -> list[Item]:
+    """Validate the dataset at ``location`` and list its images (the kind's reader does the checks).
+    Lines about data that is usable but unlike the release (SUN397 partitions of other sizes) are
+    appended to ``warnings``."""
     if kind == "imagenet":
         from itl_ray.datasets.imagenet import read_imagenet
 
@@ -133,18 +137,24 @@ def plan_items(kind: str, location: str) -> list[Item]:
         read = voc.read_voc2007_detection if kind == "voc2007" else voc.read_voc2012_actions
         return _voc_items({split: read(root, split) for split in present})
     if kind == "sun397":
-        from itl_ray.datasets.sun397 import PARTITIONS, read_sun397
+        from itl_ray.datasets.sun397 import PARTITIONS, read_sun397, size_problem, size_warning
 
         root = Root(location, "SUN397")
         numbers = [n for n in PARTITIONS if n == 1 or root.is_file(root.path(f"Partitions/Training_{n:02d}.txt"))]
         splits: dict[str, list[str]] = {}
         labels = {}
+        problems: dict[str, list[int]] = {}  # partitions whose sizes are not the release's, one line each
         for number in numbers:
-            data = read_sun397(root, number)
+            data = read_sun397(root, number, warn=None)
+            problem = size_problem((image.label for image in data.train), (image.label for image in data.test))
+            if problem:
+                problems.setdefault(problem, []).append(number)
             for kind_name, images in (("Training", data.train), ("Testing", data.test)):
                 for image in images:
                     splits.setdefault(image.path, []).append(f"{kind_name}_{number:02d}")
                     labels[image.path] = image.label
+        if warnings is not None:
+            warnings += [size_warning(partitions, problem) for problem, partitions in problems.items()]
         return [Item(path, ",".join(splits[path]), labels[path]) for path in sorted(splits)]
     raise UserError(f"unknown dataset kind {kind!r}; use one of: {', '.join(KINDS)}")
 
@@ -328,7 +338,8 @@ def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSett
     elif proposal_settings is not None:
         raise UserError(f"proposal settings apply to voc2007 only, not to {kind}")
     out = Path(out_dir).expanduser().resolve()
-    items = plan_items(kind, location)
+    warnings: list[str] = []
+    items = plan_items(kind, location, warnings)
     if not items:
         raise UserError(f"{location} holds no images to prepare")
     source = location if "://" in location else str(Path(location).expanduser().resolve())
@@ -341,6 +352,8 @@ def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSett
         if proposal_settings is None or not _proposal_jobs(out, len(chunks)):
             return json.loads((out / INFO).read_text())
         (out / INFO).unlink()  # proposals missing or of other images: made again below, then finished again
+    for line in warnings:  # the data is usable: said once it is being prepared
+        print(line, file=sys.stderr, flush=True)
 
     started = time.time()
     jobs, done = [], 0

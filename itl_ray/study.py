@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from itl_ray.metrics import INDUCTION_METRICS
+
 # How experiments are named in specs, tags and file names.
 EXPERIMENT_NAME = re.compile(r"[a-z0-9_]+")
 
@@ -36,7 +38,6 @@ METRICS: dict[str, tuple[str, str]] = {
     "induction_top5": ("Induction: fine classes, top-5", "top-5 accuracy (%)"),
 }
 TRANSFER_METRICS = ("voc07_det_map", "voc12_act_map", "sun397_acc")
-INDUCTION_METRICS = ("induction_top1", "induction_top5")
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,14 @@ trial, found again by its trial id on a retry or resume). ``Tuner``, ``TuneConfi
 Where a trial's state lives: the trial works in a node-local folder of its own (``working_folder``,
 under the node's temporary folder). It is not Tune's trial directory: on the driver's node that one
 lies inside the experiment folder the driver copies to storage in the background, which caught the
-trial's files mid-rename. The trial reports its folder as a Tune checkpoint with every epoch,
-finished stage and final result; ``tune.report`` copies it to ``spec.storage`` (a local path, or
+trial's files mid-rename. The trial reports its folder as a Tune checkpoint with every pretraining
+checkpoint, finished stage and final result; ``tune.report`` copies it to ``spec.storage`` (a local path, or
 s3:// on a cluster, which every node sees) before it returns, while the trial waits, so each
 checkpoint is a consistent copy. A trial that Tune retries (``FailureConfig``), on this node or
 another, starts from its last checkpoint; ``--resume`` starts each trial from the checkpoint that
 its MLflow run names (tag ``itl.checkpoint``, set as each checkpoint arrives). Either way
-pretraining resumes after its last finished epoch and finished transfer stages are skipped
-(``trial.run_trial``). A lost node costs its trials the epoch or stage in flight: the node's worker
+pretraining resumes after its last checkpoint and finished transfer stages are skipped
+(``trial.run_trial``). A lost node costs its trials the work since their last checkpoint: the node's worker
 processes exit when its raylet is gone, Tune sees the trial's actor die and retries it elsewhere.
 
 No metric is lost or doubled: the folder also keeps the trial's report log, and at the end of the
@@ -26,7 +26,7 @@ done, running, pending, time left) as trials start, end and report, and each tri
 they come, without Ray's log prefixes, de-duplication or colour codes (``console.quiet_ray``). Ray's storage keeps what
 ``--resume`` needs: each trial's latest checkpoint (the working folder: stage results, weights,
 report log, record) and Tune's small state files; Tune's result loggers (JSON, CSV, TensorBoard)
-are off, and pretraining's epoch checkpoint leaves the folder once the weights are saved.
+are off, and pretraining's checkpoint leaves the folder once the weights are saved.
 
 Stopping: SIGINT (Ctrl-C) or SIGTERM stops the sweep at the driver loop's next step (a tenth of a
 second; a second signal at once): the running trials' MLflow runs and the sweep's are marked
@@ -55,15 +55,16 @@ import yaml
 
 from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
+from itl_ray.console import SweepProgress, quiet_ray, say
 from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
 from itl_ray.errors import Interrupted, UserError
 from itl_ray.files import check_writable, describe_disk_error, disk_error
-from itl_ray.metrics import FINAL_METRICS
-from itl_ray.console import SweepProgress, quiet_ray, say
+from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
 
 REPORT_LOG = "reports.jsonl"  # in the trial's folder: every report of run_trial, one JSON line each
 WORK_FOLDERS = "itl_ray_work"  # under each node's temporary folder: one working folder per trial attempt
-CHECKPOINTED = ("epoch", "stage", "final")  # reports that carry the trial's folder as a checkpoint
+CHECKPOINTED = ("checkpoint", "stage", "final")  # reports that carry the trial's folder as a checkpoint
+STEPPED = ("curve", "checkpoint")  # reports whose metrics have a step (an iteration or an epoch)
 # `ray up` writes the cluster's config here on the head node; its node types say how many GPUs
 # a node can have, also before the autoscaler has started one.
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -466,7 +467,7 @@ def _mlflow_callback(tracker, parent_run_id: str, signals: StopSignals | None = 
                                                    "nothing finished is lost: free space or make it writable, "
                                                    "then run again with --resume"))
             if kind in ("params", "curve", *CHECKPOINTED):
-                step = int(result["itl_step"]) if kind in ("epoch", "curve") else None
+                step = int(result["itl_step"]) if kind in STEPPED else None
                 tracker.record(self.run_of(trial.config["trial"]), kind, result.get("itl_payload") or {}, step)
 
         def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
@@ -502,9 +503,11 @@ def trial_tags(trial: dict) -> dict[str, str]:
 
 
 def results_table(rows: list[dict]) -> str:
-    """A text table: one row per trial, the four headline metrics in percent (missing: ``missing``)."""
-    frame = pd.DataFrame([{"trial": row["name"], **{metric: row.get(metric) for metric in FINAL_METRICS}}
-                          for row in rows], columns=["trial", *FINAL_METRICS])
+    """A text table: one row per trial, the four headline metrics in percent, and the induction
+    metrics when a trial has them (missing: ``missing``)."""
+    columns = [*FINAL_METRICS, *(metric for metric in INDUCTION_METRICS if any(metric in row for row in rows))]
+    frame = pd.DataFrame([{"trial": row["name"], **{metric: row.get(metric) for metric in columns}}
+                          for row in rows], columns=["trial", *columns])
     return tables.to_text(frame)
 
 

@@ -109,19 +109,21 @@ class TorchvisionLoader:
     def __exit__(self, *exc):
         self.close()
 
-    def epoch(self, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, generator: torch.Generator | None = None,
+              start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch's batches, as ``FastLoader.epoch`` makes them (same order, crops and flips for
-        the same generator), on the device; images in channels_last memory when asked."""
+        the same generator, from batch ``start`` on), on the device; images in channels_last memory
+        when asked."""
         count = len(self.images)
         order, plans, flips = epoch_plan(self.heights, self.widths, self.augment, self.resolution, self.batch_size,
                                          self.train, generator)
         keys = [(int(position), *(int(value) for value in plan), bool(flip))
                 for position, plan, flip in zip(order, plans, flips)]
-        self.sampler.batches = [keys[start : start + self.batch_size] for start in range(0, count, self.batch_size)]
-        return self._batches(order)
+        first = start * self.batch_size
+        self.sampler.batches = [keys[at : at + self.batch_size] for at in range(first, count, self.batch_size)]
+        return self._batches(order, first)
 
-    def _batches(self, order):
-        start = 0
+    def _batches(self, order, start: int = 0):
         for images in self.loader:
             stop = start + len(images)
             labels = torch.from_numpy(self.images.labels[order[start:stop]])

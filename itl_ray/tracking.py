@@ -387,8 +387,8 @@ class Tracker:
                 self.client.log_artifacts(run_id, str(folder / name), name)
 
     def record(self, run_id: str, kind: str, payload: dict, step: int | None) -> None:
-        """One report of ``trial.run_trial``: "params", "epoch" (pretraining's curves, step =
-        epoch), "curve" (a stage's curves at its step), a finished "stage"'s metrics or "final"."""
+        """One report of ``trial.run_trial``: "params", "curve" metrics (step = iteration or epoch),
+        a pretraining "checkpoint" (step = iteration), a finished "stage"'s metrics or "final"."""
         if kind == "params":
             self.log_params(run_id, payload)
         else:

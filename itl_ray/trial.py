@@ -1,9 +1,12 @@
-"""One trial: choose the subset and labels, pretrain AlexNet, run the three transfer evaluations.
+"""One trial: choose the subset and labels, pretrain AlexNet, run the three transfer evaluations
+(and induction accuracy where enabled).
 
 A trial is a pure function of its config. Its working folder keeps each stage's result (written
 atomically), so a rerun of the same config skips finished stages: pretraining resumes from its
-last epoch checkpoint, and a finished transfer evaluation is not run again. The folder also holds
-the trial's record (``RECORD_FILES``): its resolved config, its label set and its subset.
+last checkpoint, and a finished transfer evaluation is not run again. Stages that return per-image
+scores (``transfer.StageOutput``) have them written to ``per_image/<stem>.parquet``.
+The folder also holds the trial's record (``RECORD_FILES``): its resolved config, its label set
+and its subset.
 
 This module imports neither Ray nor MLflow: ``report`` is how results leave it (Ray Tune in a
 sweep, MLflow or the terminal for ``itl-ray trial``).
@@ -24,24 +27,26 @@ import torch
 
 from itl_ray import barrier, label_sets, subsets
 from itl_ray.config import TrialConfig, flatten, to_dict, trial_id
-from itl_ray.datasets.sun397 import partition_rows, scene_data
+from itl_ray.datasets.sun397 import check_partitions, scene_data
 from itl_ray.datasets.voc import voc_splits
 from itl_ray.errors import UserError
 from itl_ray.files import atomic_path, write_atomically, write_json
 from itl_ray.image_rows import ImageRows
-from itl_ray.metrics import FINAL_METRICS
+from itl_ray.metrics import FINAL_METRICS, INDUCTION_METRICS
 from itl_ray.models import AlexNet
-from itl_ray.pretrain import pretrain, top1
+from itl_ray.pretrain import load_state, plan_schedule, pretrain, top1
 from itl_ray.seeds import seeded, stage_seed
 from itl_ray.shards import Prepared
 from itl_ray.transfer import StageOutput
 from itl_ray.transfer.action import evaluate_action
 from itl_ray.transfer.detection import evaluate_detection
+from itl_ray.transfer.induction import evaluate_induction, induction_data
 from itl_ray.transfer.scene import evaluate_scene
 
-# report(kind, payload, step): kind "params" (dict of params), "epoch" (pretraining's curves after
-# an epoch, step = epoch; a sweep checkpoints the folder then), "curve" (a transfer stage's curves,
-# step = its iteration or epoch), "stage" (a finished stage's metrics) or "final" (all final metrics).
+# report(kind, payload, step): kind "params" (dict of params), "curve" (training curves such as
+# pretrain/loss, step = the stage's iteration or epoch), "checkpoint" (pretraining wrote a
+# checkpoint after iteration ``step``: the trial's folder is worth saving), "stage" (a finished
+# stage's metrics) or "final" (all final metrics).
 Report = Callable[[str, dict, int | None], None]
 
 # The trial's record in its working folder, logged with its MLflow run: the resolved config, the
@@ -101,6 +106,7 @@ class Inputs:
     """Everything a trial reads from disk, validated: the prepared datasets, the subset, the labels."""
 
     imagenet: Prepared
+    full_train_images: int  # training images of the whole prepared set: the schedule's reference
     train_rows: np.ndarray  # manifest rows of the subset's images, class by class
     val_rows: np.ndarray  # manifest rows of the validation images of the subset's classes
     subset: subsets.Subset
@@ -119,10 +125,11 @@ def _open(folder: str, kind: str, setting: str) -> Prepared:
 
 def read_inputs(config: TrialConfig) -> Inputs:
     """Open every prepared dataset (checking its shards: ``Prepared.verify``), choose the subset and
-    the label set, check that the SUN397 partition was prepared and, when detection uses Selective
-    Search, that every VOC 2007 image has its stored proposals (``Prepared.check_proposals``), so
-    that a wrong path, a damaged folder or an impossible setting fails before any training (the
-    sweep calls this for every trial first, ``itl-ray trial`` before its trial)."""
+    the label set, check that the SUN397 partitions the trial asks for were prepared and, when
+    detection uses Selective Search, that every VOC 2007 image has its stored proposals
+    (``Prepared.check_proposals``), so that a wrong path, a damaged folder or an impossible setting
+    fails before any training (the sweep calls this for every trial first, ``itl-ray trial`` before
+    its trial)."""
     pre = config.pretrain
     imagenet = _open(config.data.imagenet, "imagenet", "data.imagenet")
     labels = imagenet.column("label")
@@ -138,12 +145,13 @@ def read_inputs(config: TrialConfig) -> Inputs:
     chosen = set(subset.classes)
     val_rows = np.array([row for row in imagenet.rows_in("val") if labels[row] in chosen], dtype=np.int64)
     sun397 = _open(config.data.sun397, "sun397", "data.sun397")
-    partition_rows(sun397, config.data.sun397_partition)
+    check_partitions(sun397, config.transfer.scene.partitions)
     voc2007 = _open(config.data.voc2007, "voc2007", "data.voc2007")
     if config.transfer.detection.proposals == "selective_search":
         voc2007.check_proposals()  # a folder prepared before proposals were stored is refused here
     return Inputs(
         imagenet=imagenet,
+        full_train_images=len(train_rows),
         train_rows=train_rows[list(subset.indices)],
         val_rows=val_rows,
         subset=subset,
@@ -206,10 +214,12 @@ def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> d
     ``name``, the sweep's name, which is the MLflow experiment itself; ``runtime.device``, the
     setting (``auto``), for the device used; ``pretrain.num_classes``, the classes asked for, which
     ``source_classes`` resolves. ``data_hash.<setting>`` names each prepared dataset by its content
-    (``Prepared.content_hash``), as ``trial_id`` does."""
+    (``Prepared.content_hash``), as ``trial_id`` does. With pretraining, the schedule the settings
+    resolve to for this subset (``pretrain.plan_schedule``): ``pretrain_iterations``,
+    ``pretrain_epochs`` (passes over the subset, 2 decimals) and ``pretrain_lr_step``."""
     subset, pre = inputs.subset, config.pretrain
     settings = flatten(to_dict(config))
-    return {
+    params = {
         **{key: value for key, value in settings.items()
            if key not in (*SHORT_NAMES, "name", "runtime.device", "pretrain.num_classes")},
         **{short: settings[key] for key, short in SHORT_NAMES.items()},
@@ -226,6 +236,11 @@ def trial_params(config: TrialConfig, inputs: Inputs, device: torch.device) -> d
         "shortfall_images": sum(subset.shortfall.values()),
         "device": device.type,
     }
+    if pre.images_per_class:  # the schedule the settings resolve to for this subset
+        schedule = plan_schedule(pre, len(inputs.train_rows), inputs.full_train_images)
+        params.update(pretrain_iterations=schedule.iterations, pretrain_epochs=round(schedule.epochs, 2),
+                      pretrain_lr_step=schedule.lr_step)
+    return params
 
 
 def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[[str], None] = print) -> dict:
@@ -238,8 +253,9 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     stages before it, and a trial resumed after any epoch or stage ends with the same numbers as
     one that ran through (bit-identical on a CPU).
 
-    Fault points (``barrier.reach``, inert unless a test arms them): ``<trial_id>.pretrain-epoch-<N>``
-    after epoch N's report, ``<trial_id>.<stage>-done`` after a transfer stage's report."""
+    Fault points (``barrier.reach``, inert unless a test arms them): after each pretraining
+    checkpoint's report ``<trial_id>.pretrain-iteration-<I>``, and ``<trial_id>.pretrain-epoch-<N>``
+    when the checkpoint ends epoch N; ``<trial_id>.<stage>-done`` after a transfer stage's report."""
     started = time.time()
     runtime = config.runtime
     if runtime.threads:
@@ -259,20 +275,25 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     report("params", params, None)
     tid = params["trial_id"]
 
-    def curve(metrics: dict[str, float], step: int) -> None:  # a transfer stage's training curves
+    def curve(metrics: dict[str, float], step: int) -> None:  # a stage's training curves (pretrain/loss, ...)
         report("curve", metrics, step)
 
-    def on_epoch(epoch: int, metrics: dict) -> None:
-        report("epoch", metrics, epoch)
-        barrier.reach(f"{tid}.pretrain-epoch-{epoch}", log)
+    def on_checkpoint(iteration: int) -> None:  # a pretraining checkpoint is on disk
+        report("checkpoint", {}, iteration)
+        barrier.reach(f"{tid}.pretrain-iteration-{iteration}", log)
+        if iteration % batches_per_epoch == 0:
+            barrier.reach(f"{tid}.pretrain-epoch-{iteration // batches_per_epoch}", log)
 
+    batches_per_epoch = plan_schedule(pre, len(inputs.train_rows), inputs.full_train_images).batches_per_epoch \
+        if pre.images_per_class else 1
     pretrain_seed = stage_seed(config.seed, "pretrain")
     with seeded(stage_seed(config.seed, "init")):  # the initial weights (loaded below when pretrained earlier)
-        model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution)
+        model = AlexNet(len(groups), width=config.model.width, resolution=config.model.resolution,
+                        variant=config.model.variant, init=config.model.init)
     backbone_file = workdir / "backbone.pt"
     labels = inputs.imagenet.column("label")
     if "pretrain" in stages and backbone_file.is_file():
-        model.load_state_dict(torch.load(backbone_file, map_location="cpu"))
+        model.load_state_dict(load_state(backbone_file, "pretrained weights"))
         log("pretrain: done earlier, weights loaded")
     else:
         stage_started = time.time()
@@ -286,30 +307,39 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
             log(f"pretrain: none (random initialisation), val top-1 {result['pretrain_top1']:.1f}%")
         else:
             with seeded(pretrain_seed):  # dropout; a resumed run restores the generator's state
-                result = pretrain(model, images(inputs.train_rows), images(inputs.val_rows), pre, device,
-                                  pretrain_seed, workdir / "pretrain.pt", on_epoch=on_epoch, log=log,
-                                  runtime=runtime.pretrain)
+                result = pretrain(
+                    model, images(inputs.train_rows), images(inputs.val_rows), pre, device, pretrain_seed,
+                    workdir / "pretrain.pt", full_images=inputs.full_train_images, curve=curve,
+                    on_checkpoint=on_checkpoint, log=log, runtime=runtime.pretrain,
+                )
         with atomic_path(backbone_file) as temporary:
             torch.save(model.cpu().state_dict(), temporary)
         result["seconds/pretrain"] = time.time() - stage_started
         store.save("pretrain", result)
         stages = store.load()
-        # The weights and the stage's result are kept; the epoch checkpoint (weights, optimizer,
+        # The weights and the stage's result are kept; the pretraining checkpoint (weights, optimizer,
         # generators) is needed no more, and the sweep's checkpoints need not carry it.
         (workdir / "pretrain.pt").unlink(missing_ok=True)
         report("stage", result, None)
     model.to(device)
 
+    transfer = config.transfer
     transfers = {
         "detection": lambda seed: evaluate_detection(model, voc_splits(inputs.voc2007, "trainval", "test"),
-                                                     config.transfer.detection, device, seed, log=log,
-                                                     curve=curve, runtime=runtime.detection),
+                                                     transfer.detection, device, seed, log=log, curve=curve,
+                                                     runtime=runtime.detection),
         "action": lambda seed: evaluate_action(model, voc_splits(inputs.voc2012, "train", "val"),
-                                               config.transfer.action, device, seed, log=log, curve=curve,
+                                               transfer.action, device, seed, log=log, curve=curve,
                                                runtime=runtime.action),
-        "scene": lambda seed: evaluate_scene(model, scene_data(inputs.sun397, config.data.sun397_partition),
-                                             config.transfer.scene, device, seed, log=log, curve=curve),
+        "scene": lambda seed: evaluate_scene(model, [scene_data(inputs.sun397, p) for p in transfer.scene.partitions],
+                                             transfer.scene, device, seed, log=log, curve=curve,
+                                             runtime=runtime.scene),
     }
+    if transfer.induction.enabled:
+        transfers["induction"] = lambda seed: evaluate_induction(
+            model, induction_data(inputs.imagenet, inputs.subset.classes, transfer.induction.train_per_class, config.seed,
+                                  pre.label_set, len(groups) if pre.images_per_class else 0),
+            transfer.induction, device, seed, log=log, curve=curve, runtime=runtime.induction)
     for stage, evaluate in transfers.items():
         if stage in stages:
             log(f"{stage}: done earlier")
@@ -332,5 +362,6 @@ def run_trial(config: TrialConfig, workdir: Path, report: Report, log: Callable[
     final = {key: value for stage in ("pretrain", *transfers) for key, value in stages[stage].items()}
     final["seconds/trial"] = time.time() - started
     report("final", final, None)
-    log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in FINAL_METRICS))
+    headline = [key for key in (*FINAL_METRICS, *INDUCTION_METRICS) if key in final]
+    log("trial: " + ", ".join(f"{key} {final[key]:.1f}" for key in headline))
     return final

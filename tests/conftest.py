@@ -49,6 +49,18 @@ def mini_paths(mini, raw_paths) -> dict[str, str]:
     return prepared_paths(shards)
 
 
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict[str, str]:
+    """The demo's mini-benchmark (the generator's default ``Sizes``), prepared as `make demo` prepares
+    it: what ``data/mini-shards`` holds after `make demo`. Made once per session."""
+    root = tmp_path_factory.mktemp("demo")
+    raw = dataset_paths(synthesize(root / "mini", seed=0))
+    shards = prepared_paths(root / "mini-shards")
+    for setting, kind in PREPARE_KINDS.items():
+        prepare(kind, raw[setting], shards[setting])
+    return shards
+
+
 def tiny_spec(path: Path, paths: dict[str, str], extra: str = "") -> Path:
     """A sweep spec that trains for seconds: 2 trials (one pretrained, one random-init control)."""
     path.write_text(f"""# A tiny sweep for the tests.
@@ -61,7 +73,7 @@ data:
   voc2012: {paths['voc2012']}
   sun397: {paths['sun397']}
 model: {{width: 0.125, resolution: 48}}
-pretrain: {{epochs: 2, batch_size: 16, lr: 0.02}}
+pretrain: {{schedule: epochs, subset_schedule: same_epochs, epochs: 2, batch_size: 16, lr: 0.02, curve_every: 1}}
 transfer:  # the mini-benchmark's ~140 px images at their size, sliding windows, a dozen steps
   detection: {{proposals: sliding_window, image_size: 64, max_size: 96, iterations: 12, lr_step: 9, lr: 0.01}}
   action: {{image_size: 64, max_size: 96, iterations: 10, lr_step: 8, lr: 0.003}}

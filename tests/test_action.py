@@ -55,8 +55,10 @@ def persons(count: int, seed: int, others: int = 0, empty: int = 0) -> VocSplit:
 
 
 def backbone() -> AlexNet:
+    """A small untrained AlexNet with He initialisation (the demo's, sweeps/smoke.yaml): Caffe's
+    Gaussians leave an untrained network's features nearly flat."""
     torch.manual_seed(0)
-    return AlexNet(num_classes=10, width=0.125, resolution=48)
+    return AlexNet(num_classes=10, width=0.125, resolution=48, init="kaiming")
 
 
 # Small images at their size, a short schedule with a larger rate: what this tiny set needs.

@@ -131,15 +131,16 @@ BAD_INPUTS = [
     ("", ["--set", "model.width=-0.25"], ["model.width=-0.25 is out of range; allowed: > 0"]),
     ("", ["--set", "model.resolution=10"], ["model.resolution=10 is out of range; allowed: >= 39"]),
     ("", ["--set", "model.resolution=-64"], ["model.resolution=-64 is out of range; allowed: >= 39"]),
-    ("", ["--set", "data.sun397_partition=11"], ["data.sun397_partition=11 is out of range; allowed: >= 1 and <= 10"]),
+    ("", ["--set", "transfer.scene.partitions=[1, 11]"],
+     ["transfer.scene.partitions[1]=11 is out of range; allowed: >= 1 and <= 10"]),
     ("", ["--set", "resources.cpus_per_trial=-2"], ["resources.cpus_per_trial=-2.0 is out of range; allowed: > 0"]),
     ("", ["--set", "max_failures=-1"], ["max_failures=-1 is out of range; allowed: >= 0"]),
     ("", ["--set", "runtime.pretrain.compile=yes"], ["runtime.pretrain.compile='yes' is not one of the choices"]),
     ("truncated shard", ["imagenet"], ["data.imagenet=", "shards/shard-00000.arrow is not a readable Arrow file",
                                        "itl-ray prepare imagenet ROOT OUT"]),
     ("missing manifest", ["voc2007"], ["data.voc2007=", "manifest.parquet is missing", "itl-ray prepare voc2007"]),
-    ("partition 3 not prepared", ["sun397", "--set", "data.sun397_partition=3"],
-     ["data.sun397_partition=3:", "has no images in partition 3"]),
+    ("partition 3 not prepared", ["sun397", "--set", "transfer.scene.partitions=[3]"],
+     ["data.sun397=", "holds no partition 3", "transfer.scene.partitions"]),
 ]
 
 

@@ -123,8 +123,14 @@ grid:
     ("model: {resolution: -64}\n", "model.resolution=-64 is out of range; allowed: >= 39"),
     ("model: {width: 0}\n", "model.width=0.0 is out of range; allowed: > 0"),
     ("model: {width: -0.25}\n", "model.width=-0.25 is out of range; allowed: > 0"),
-    ("data: {sun397_partition: 11}\n", "data.sun397_partition=11 is out of range; allowed: >= 1 and <= 10"),
-    ("data: {sun397_partition: 0}\n", "data.sun397_partition=0 is out of range; allowed: >= 1 and <= 10"),
+    ("transfer: {scene: {partitions: [11]}}\n", "transfer.scene.partitions[0]=11 is out of range; allowed: >= 1 and <= 10"),
+    ("transfer: {scene: {partitions: [1, 0]}}\n", "transfer.scene.partitions[1]=0 is out of range; allowed: >= 1 and <= 10"),
+    ("transfer: {scene: {partitions: []}}\n", "transfer.scene.partitions=[] is out of range; allowed: not empty"),
+    ("transfer: {scene: {partitions: [2, 2]}}\n", "transfer.scene: partitions lists a partition twice: [2, 2]"),
+    ("data: {sun397_partition: 2}\n", "unknown key 'data.sun397_partition' (it is transfer.scene.partitions now)"),
+    ("model: {variant: alexnet}\n", "model.variant='alexnet' is not one of the choices: bvlc_reference_caffenet, "
+                                     "bvlc_alexnet"),
+    ("model: {init: xavier}\n", "model.init='xavier' is not one of the choices: caffe, kaiming"),
     ("data: {imagenet: ''}\n", "data.imagenet='' is out of range; allowed: not empty"),
     ("seed: -1\n", "seed=-1 is out of range; allowed: >= 0"),
     ("resources: {cpus_per_trial: -1}\n", "resources.cpus_per_trial=-1.0 is out of range; allowed: > 0"),
@@ -256,10 +262,14 @@ def test_trial_id_ignores_runtime_settings(mini_paths):
     faster = override(base, {"runtime.threads": 7, "runtime.device": "cpu", "runtime.pretrain.workers": 12,
                              "runtime.pretrain.prefetch": 9, "runtime.pretrain.cache_gib": 0,
                              "runtime.pretrain.cpu_decode_share": 0.25, "runtime.pretrain.channels_last": "on",
-                             "runtime.pretrain.compile": "off", "runtime.detection.test_batch_size": 1})
+                             "runtime.pretrain.compile": "off", "runtime.detection.test_batch_size": 1,
+                             "runtime.scene.cache_gib": 0, "runtime.induction.batch_size": 3,
+                             "runtime.induction.classes_per_chunk": 2})
     assert faster.runtime != base.runtime and trial_id(faster) == trial_id(base)
     for key, value in (("pretrain.lr", 0.02), ("pretrain.precision", "fp32"), ("pretrain.pipeline", "torchvision"),
-                       ("transfer.detection.nms_iou", 0.4), ("data.sun397_partition", 2), ("model.width", 0.5)):
+                       ("transfer.detection.nms_iou", 0.4), ("transfer.scene.partitions", [2]), ("model.width", 0.5),
+                       ("model.variant", "bvlc_alexnet"), ("model.init", "kaiming"),
+                       ("pretrain.subset_schedule", "scaled"), ("transfer.induction.enabled", True)):
         assert trial_id(override(base, {key: value})) != trial_id(base), key
 
 

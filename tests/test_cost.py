@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from itl_ray.config import TrialConfig, load_spec
+from itl_ray.config import TrialConfig, load_spec, override
 from itl_ray.cost import DEFAULT_IMG_PER_S, image_flops, iterations, throughput, trial_cost
 from itl_ray.errors import UserError
 
@@ -40,14 +40,26 @@ def test_throughput_comes_from_the_option_then_a_cuda_bench_then_the_assumption(
         throughput(0.0, result)
 
 
-def test_a_trial_costs_what_its_images_and_epochs_say():
+def test_a_trial_costs_what_its_schedule_says():
     speed = throughput(25_000.0)
-    full = trial_cost(TrialConfig(data=TrialConfig().data.__class__(imagenet="/nowhere")), speed)
+    base = TrialConfig(data=TrialConfig().data.__class__(imagenet="/nowhere"))
+    full = trial_cost(base, speed)
     assert full.nominal and full.pretrain_images == 1_281_167
-    assert full.iterations == 90 * -(-1_281_167 // 256)
-    # 90 epochs of ILSVRC-2012 at 25,000 img/s: 1.28 hours of training (plus validation passes).
+    assert full.iterations == 450_000  # Caffe's solver
+    # 450,000 iterations of 256 images at 25,000 img/s: 1.28 hours of training (plus 90 validation
+    # passes over 50,000 images, one per checkpoint).
     assert 1.28 < full.pretrain_gpu_hours < 1.4
     assert 0 < full.transfer_gpu_hours < full.pretrain_gpu_hours
+    # 50 images per class: the subset rule decides the cost.
+    small = {rule: trial_cost(override(base, {"pretrain.images_per_class": 50, "pretrain.subset_schedule": rule}), speed)
+             for rule in ("same_iterations", "same_epochs", "scaled")}
+    assert [small[rule].iterations for rule in small] == [450_000, 17_622, 88_899]
+    assert small["same_iterations"].pretrain_gpu_hours > small["scaled"].pretrain_gpu_hours \
+        > small["same_epochs"].pretrain_gpu_hours
+    # Ten SUN397 partitions fine-tune ten times; induction adds its forward passes.
+    more = trial_cost(override(base, {"transfer.scene.partitions": list(range(1, 11)),
+                                      "transfer.induction.enabled": True}), speed)
+    assert more.transfer_gpu_hours > full.transfer_gpu_hours
 
 
 def test_dry_run_lists_every_experiment_and_a_total(tmp_path):

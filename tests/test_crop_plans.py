@@ -34,9 +34,9 @@ def test_crop_recipe_is_cafes_random_crop_of_the_resized_center_square():
     heights, widths = random_sizes()
     _, offsets, _ = crop_plans.draw_epoch(len(heights), "crop", 64, 50, seeded())
     resized_h, resized_w, top, left, height, width = crop_plans.crop_plan(offsets, heights, widths, 64).T
-    assert (np.minimum(resized_h, resized_w) == 73).all() and (height == 64).all() and (width == 64).all()
-    offset_y, offset_x = top - (resized_h - 73) // 2, left - (resized_w - 73) // 2
-    assert offset_y.min() == 0 and offset_y.max() == 9 and offset_x.min() == 0 and offset_x.max() == 9
+    assert (np.minimum(resized_h, resized_w) == 72).all() and (height == 64).all() and (width == 64).all()
+    offset_y, offset_x = top - (resized_h - 72) // 2, left - (resized_w - 72) // 2
+    assert offset_y.min() == 0 and offset_y.max() == 8 and offset_x.min() == 0 and offset_x.max() == 8
 
 
 def test_resized_crops_follow_torchvisions_area_and_aspect_ranges():
@@ -60,14 +60,15 @@ def test_the_epoch_draw_depends_only_on_the_generator():
 
 
 def test_crop_draws_are_those_of_the_loop_before_the_fast_pipeline():
-    """A seed keeps training on the crops it did before: per batch, tops, lefts, flips."""
+    """A seed draws its crops as the loop always has: per batch, tops, lefts (0..8 for 64 px crops of
+    72 px squares), flips."""
     generator = seeded(11)
     order = torch.randperm(100, generator=generator)
     expected = []
     for start in range(0, 100, 30):
         size = min(30, 100 - start)
-        tops = torch.randint(0, 10, (size,), generator=generator)
-        lefts = torch.randint(0, 10, (size,), generator=generator)
+        tops = torch.randint(0, 9, (size,), generator=generator)
+        lefts = torch.randint(0, 9, (size,), generator=generator)
         flips = torch.rand(size, generator=generator) < 0.5
         expected.append((tops, lefts, flips))
     got_order, offsets, got_flips = crop_plans.draw_epoch(100, "crop", 64, 30, seeded(11))
@@ -79,9 +80,38 @@ def test_crop_draws_are_those_of_the_loop_before_the_fast_pipeline():
 
 def test_flip_mirrors_the_crop():
     image = torch.randint(0, 256, (3, 80, 100), dtype=torch.uint8)
-    plan = np.array([73, 91, 3, 11, 64, 64])
+    plan = np.array([72, 90, 3, 11, 64, 64])
     plain, flipped = crop_plans.crop_image(image, plan, False, 64), crop_plans.crop_image(image, plan, True, 64)
     assert torch.equal(flipped, plain.flip(-1))
     assert not torch.equal(flipped, plain)
 
 
+
+
+def test_a_default_crop_never_upsamples():
+    """Caffe's recipe as the defaults give it: ImageNet prepared at 256 px (`itl-ray prepare`'s
+    default), the study's 227 px crops. Every training crop and every validation crop is a window of
+    the image as stored: neither the image nor the window is resized, so nothing is upsampled."""
+    from itl_ray.config import ModelConfig
+    from itl_ray.images import CAFFE_CROP, CAFFE_SHORT_SIDE, short_side_for
+    from itl_ray.prepare import DEFAULT_SHORT_SIDE
+    from itl_ray.pretrain import PretrainConfig
+
+    resolution, stored = ModelConfig().resolution, DEFAULT_SHORT_SIDE["imagenet"]
+    assert (resolution, stored) == (CAFFE_CROP, CAFFE_SHORT_SIDE) == (227, 256)
+    assert short_side_for(resolution) == stored == DEFAULT_SHORT_SIDE["sun397"]  # the scene stage's squares too
+    rng = np.random.default_rng(0)
+    longer = rng.integers(stored, 700, 500)
+    portrait = rng.random(500) < 0.3
+    heights, widths = np.where(portrait, longer, stored), np.where(portrait, stored, longer)
+    augment = PretrainConfig().augment
+    _, numbers, _ = crop_plans.draw_epoch(len(heights), augment, resolution, 64, seeded())
+    for plan in (crop_plans.train_plan(augment, numbers, heights, widths, resolution),
+                 crop_plans.center_plan(heights, widths, resolution)):
+        resized_h, resized_w, top, left, height, width = plan.T
+        assert (resized_h == heights).all() and (resized_w == widths).all()  # the image is not resized
+        assert (height == resolution).all() and (width == resolution).all()  # nor is the window
+    # Images stored larger (e.g. prepared with --short-side 0) are only ever scaled down.
+    heights, widths = heights + rng.integers(0, 300, 500), widths + rng.integers(0, 300, 500)
+    resized_h, resized_w, *_ = crop_plans.train_plan(augment, numbers, heights, widths, resolution).T
+    assert (resized_h <= heights).all() and (resized_w <= widths).all()

@@ -20,27 +20,12 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import pytest
 
 from itl_ray.config import load_spec, override
-from itl_ray.datasets.synthetic import dataset_paths, synthesize
-from itl_ray.prepare import prepare
-from itl_ray.shards import PREPARE_KINDS, prepared_paths
 from itl_ray.trial import run_trial
 
 SMOKE = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
 TRANSFER_METRICS = ("voc07_det_map", "voc12_act_map", "sun397_acc")
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> dict[str, str]:
-    """The demo's mini-benchmark, prepared: what ``data/mini-shards`` holds after `make demo`."""
-    root = tmp_path_factory.mktemp("demo")
-    raw = dataset_paths(synthesize(root / "mini", seed=0))
-    shards = prepared_paths(root / "mini-shards")
-    for setting, kind in PREPARE_KINDS.items():
-        prepare(kind, raw[setting], shards[setting])
-    return shards
 
 
 def smoke_trial(data: dict[str, str], num_classes: int, images_per_class: int):

@@ -114,13 +114,14 @@ def voc(prepared) -> VocSplits:
 
 
 def small_backbone() -> AlexNet:
-    """The mini-benchmark's network (width 0.25, 64 px, pool5 grid 1), untrained but with fc6/fc7
-    at the activation scale of a trained one. Caffe's initialisation (std 0.005) leaves an
-    untrained fc7 almost constant across regions (its spread over regions is ~4e-4), so a
-    detector could learn little from it in seconds; He initialisation stands in for pretraining."""
+    """The mini-benchmark's network (width 0.25, 64 px, pool5 grid 1, He initialisation as in
+    sweeps/smoke.yaml), untrained but with fc6/fc7 at the activation scale of a trained one.
+    Caffe's initialisation (std 0.005) leaves an untrained fc7 almost constant across regions (its
+    spread over regions is ~4e-4), so a detector could learn little from it in seconds; He
+    initialisation stands in for pretraining."""
     torch.manual_seed(0)
-    backbone = AlexNet(num_classes=10, width=0.25, resolution=64)
-    for fc in (backbone.embed[2], backbone.embed[5]):
+    backbone = AlexNet(num_classes=10, width=0.25, resolution=64, init="kaiming")
+    for fc in (backbone.embed.fc6, backbone.embed.fc7):
         torch.nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
         torch.nn.init.zeros_(fc.bias)
     return backbone

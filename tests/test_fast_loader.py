@@ -11,6 +11,7 @@ import torch
 from itl_ray import crop_plans, image_rows, images as image_ops, resample
 from itl_ray.errors import UserError
 from itl_ray.fast_loader import FastLoader
+from itl_ray.images import short_side_for
 from itl_ray.prepare import PrepareSettings, prepare
 from itl_ray.shards import Prepared
 from itl_ray.torchvision_loader import TorchvisionLoader
@@ -21,16 +22,16 @@ LEVEL = 1 / 255 / 0.224  # one uint8 level after normalisation (smallest std)
 
 @pytest.fixture(scope="module")
 def imagenet(mini_paths) -> Prepared:
-    """The mini ImageNet as the demo prepares it (shorter sides 80..104 px, above the 73 px that
+    """The mini ImageNet as the demo prepares it (shorter sides 80..104 px, above the 72 px that
     64 px crops are cut from: every crop is resampled)."""
     return Prepared(mini_paths["imagenet"], "imagenet")
 
 
 @pytest.fixture(scope="module")
-def imagenet73(raw_paths, tmp_path_factory) -> Prepared:
-    """The same images prepared at the crops' shorter side (73 px for 64 px crops): no resampling."""
-    folder = tmp_path_factory.mktemp("shards73") / "imagenet"
-    prepare("imagenet", raw_paths["imagenet"], folder, PrepareSettings(short_side=73), workers=1)
+def imagenet_at_crop_side(raw_paths, tmp_path_factory) -> Prepared:
+    """The same images prepared at the crops' shorter side (72 px for 64 px crops): no resampling."""
+    folder = tmp_path_factory.mktemp("shards72") / "imagenet"
+    prepare("imagenet", raw_paths["imagenet"], folder, PrepareSettings(short_side=short_side_for(64)), workers=1)
     return Prepared(folder, "imagenet")
 
 
@@ -74,16 +75,16 @@ def test_training_batches_cover_the_epoch_with_normalised_crops(imagenet):
     assert sorted(torch.cat(all_labels).tolist()) == sorted(images.labels.tolist())  # each image once
 
 
-def test_labels_follow_their_images(imagenet73):
-    images = rows_of(imagenet73, count=120)
+def test_labels_follow_their_images(imagenet_at_crop_side):
+    images = rows_of(imagenet_at_crop_side, count=120)
     order, _, _ = crop_plans.draw_epoch(len(images), "crop", 64, 50, seeded(3))
     with fast(images) as batches:
         _, labels = gather(batches.epoch(seeded(3)))
     assert labels.tolist() == images.labels[order].tolist()
 
 
-def test_same_seed_same_batches_whatever_the_threads_or_the_cache(imagenet73):
-    images = rows_of(imagenet73, count=200)
+def test_same_seed_same_batches_whatever_the_threads_or_the_cache(imagenet_at_crop_side):
+    images = rows_of(imagenet_at_crop_side, count=200)
     with fast(images, workers=1) as one, fast(images, workers=3, prefetch=1) as three, \
             fast(images, cache_gib=1.0) as cached:
         assert cached.cache is not None and one.cache is None
@@ -94,10 +95,10 @@ def test_same_seed_same_batches_whatever_the_threads_or_the_cache(imagenet73):
         assert not torch.equal(gather(one.epoch(seeded(2)))[0], reference[0])
 
 
-def test_validation_is_resize_then_center_crop(imagenet, imagenet73):
-    for data, tolerance in ((imagenet73, 0.0), (imagenet, LEVEL * 1.01)):
+def test_validation_is_resize_then_center_crop(imagenet, imagenet_at_crop_side):
+    for data, tolerance in ((imagenet_at_crop_side, 0.0), (imagenet, LEVEL * 1.01)):
         images = rows_of(data, "val")
-        expected = image_ops.normalize(image_ops.center_crops(image_ops.load_squares(data.read(images.rows), 73), 64))
+        expected = image_ops.normalize(image_ops.center_crops(image_ops.load_squares(data.read(images.rows), short_side_for(64)), 64))
         for cache_gib in (0.0, 1.0):
             with fast(images, train=False, cache_gib=cache_gib) as batches:
                 got, labels = gather(batches.epoch())
@@ -106,10 +107,10 @@ def test_validation_is_resize_then_center_crop(imagenet, imagenet73):
 
 
 @pytest.mark.parametrize("augment", crop_plans.AUGMENTATIONS)
-def test_fast_and_torchvision_pipelines_cut_the_same_pixels(imagenet, imagenet73, augment):
+def test_fast_and_torchvision_pipelines_cut_the_same_pixels(imagenet, imagenet_at_crop_side, augment):
     """Same plan, same pixels: exactly, when the shards hold the crops' shorter side; within a couple
     of uint8 levels (PIL's and torch's resampling round differently) when they do not."""
-    for data, exact in ((imagenet73, augment == "crop"), (imagenet, False)):
+    for data, exact in ((imagenet_at_crop_side, augment == "crop"), (imagenet, False)):
         images = rows_of(data, count=150)
         with fast(images, augment=augment) as ours, \
                 TorchvisionLoader(images, 64, 50, CPU, augment=augment, workers=2) as theirs:
@@ -123,8 +124,8 @@ def test_fast_and_torchvision_pipelines_cut_the_same_pixels(imagenet, imagenet73
             assert difference.mean().item() < 0.1 * LEVEL and difference.max().item() <= 3 * LEVEL
 
 
-def test_a_broken_image_names_its_row(imagenet73, monkeypatch):
-    images = rows_of(imagenet73, count=60)
+def test_a_broken_image_names_its_row(imagenet_at_crop_side, monkeypatch):
+    images = rows_of(imagenet_at_crop_side, count=60)
     with fast(images) as batches:
         views = batches.reader.views
 
@@ -144,10 +145,10 @@ def test_shard_views_are_the_stored_bytes(imagenet):
     assert [bytes(view.numpy()) for view in views] == imagenet.read(rows)
 
 
-def test_the_gpu_gather_cuts_the_planned_pixels(imagenet, imagenet73):
+def test_the_gpu_gather_cuts_the_planned_pixels(imagenet, imagenet_at_crop_side):
     """What the GPU path computes (nvJPEG decode + ``resample``), emulated on the CPU, against the CPU
     threads: identical for exact windows, close where the GPU gather resamples without antialiasing."""
-    for data, exact in ((imagenet73, True), (imagenet, False)):
+    for data, exact in ((imagenet_at_crop_side, True), (imagenet, False)):
         images = rows_of(data, count=100)
         with fast(images) as batches:
             expected, _ = gather(batches.epoch(seeded(7)))
@@ -167,10 +168,10 @@ def test_the_gpu_gather_cuts_the_planned_pixels(imagenet, imagenet73):
 
 
 @pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
-def test_the_gpu_producer_path_runs_on_a_cpu(imagenet73, share):
+def test_the_gpu_producer_path_runs_on_a_cpu(imagenet_at_crop_side, share):
     """The GPU path's producer thread (decode list + gather, CPU share on the threads, ring of host
     buffers, hand-off queue), run without CUDA: the same batches as the CPU threads make."""
-    images = rows_of(imagenet73, count=230)
+    images = rows_of(imagenet_at_crop_side, count=230)
     with fast(images) as threads:
         expected, expected_labels = gather(threads.epoch(seeded(9)))
     with fast(images, prefetch=2, cpu_decode_share=share, channels_last=True) as producer:
@@ -184,8 +185,8 @@ def test_the_gpu_producer_path_runs_on_a_cpu(imagenet73, share):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_pipeline_matches_the_cpu_threads(imagenet73):
-    images = rows_of(imagenet73, count=300)
+def test_gpu_pipeline_matches_the_cpu_threads(imagenet_at_crop_side):
+    images = rows_of(imagenet_at_crop_side, count=300)
     with fast(images) as cpu:
         expected, expected_labels = gather(cpu.epoch(seeded(8)))
     cuda = torch.device("cuda")

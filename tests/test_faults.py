@@ -75,7 +75,7 @@ def test_a_lost_worker_node_costs_only_the_epoch_in_flight(tmp_path, mini_paths,
         output = driver.output
         restarts = trial_lines(driver, PRETRAINED, r"on node (\w+), starting from checkpoint")
         assert len(restarts) == 1 and restarts[0].group(1) == other, output[-4000:]
-        resumed = trial_lines(driver, PRETRAINED, r"pretrain: resumed after epoch (\d+)")
+        resumed = trial_lines(driver, PRETRAINED, r"pretrain: resumed after iteration \d+ \(epoch (\d+)\.00\)")
         assert [int(match.group(1)) for match in resumed] == [held_epoch], output[-4000:]
         print(f"node {first[:8]} removed; the trial resumed on node {other[:8]} after epoch {held_epoch}")
         assert not trial_lines(driver, CONTROL, r"starting from checkpoint")  # the other trial was untouched

@@ -40,7 +40,7 @@ def test_short_side_and_center_square():
     assert resize_short_side(image.transpose(1, 2), 73).shape == (3, 110, 73)
     square = center_square(resized, 73)
     assert torch.equal(square, resized[:, :, 18:91])
-    assert [short_side_for(resolution) for resolution in (224, 64, 48, 227)] == [256, 73, 55, 259]
+    assert [short_side_for(resolution) for resolution in (227, 224, 64, 48)] == [256, 253, 72, 54]  # Caffe's 256/227
 
 
 def test_load_squares_decodes_resizes_and_squares():

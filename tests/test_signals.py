@@ -76,7 +76,7 @@ def test_ctrl_c_stops_the_sweep_and_resume_continues(tmp_path, mini_paths, ray_t
     assert again.finish() == 0, again.output[-4000:]
     runs = assert_complete(db, EPOCHS)
     assert {run.info.run_id for run in runs.values()} == {run.info.run_id for run in before.values()}
-    assert trial_lines(again, PRETRAINED, r"pretrain: resumed after epoch 1")
+    assert trial_lines(again, PRETRAINED, r"pretrain: resumed after iteration \d+ \(epoch 1\.00\)")
     assert trial_lines(again, CONTROL, r"^detection: done earlier")
 
 

@@ -37,8 +37,8 @@ def assert_console_is_clean(output: str) -> None:
     assert "sweep tiny: 0/2 trials done, 1 running, 1 pending" in output
     assert "sweep tiny: 2/2 trials done, 0 running, 0 pending" in output
     assert re.search(r"sweep tiny: 1/2 trials done, 1 running, 0 pending; \S+ elapsed, ~\S+ left", output)
-    for epoch in (1, 2):  # every epoch line of the trial, none folded into another
-        assert f"[num_classes=4,images_per_class=8] pretrain: epoch {epoch}/2 loss" in output
+    for iteration in (2, 4):  # every checkpoint line of the trial (one per epoch here), none folded into another
+        assert f"[num_classes=4,images_per_class=8] pretrain: iteration {iteration}/4 (epoch {iteration // 2}.0)" in output
 
 
 def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
@@ -78,7 +78,7 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
             assert 0.0 <= child.data.metrics[metric] <= 100.0
             assert child.data.metrics[metric] == round(computed[metric], 2)
         # Ray's storage keeps what --resume needs: the trial's latest checkpoint, in a folder
-        # named after the trial; no epoch checkpoint once pretraining is done, no result loggers.
+        # named after the trial; no pretraining checkpoint once pretraining is done, no result loggers.
         trial_id = child.data.tags["itl.trial_id"]
         assert checkpoint.parent.name == f"{child.info.run_name}-{trial_id}"
         assert (checkpoint / "backbone.pt").is_file() and not (checkpoint / "pretrain.pt").exists()
@@ -88,8 +88,12 @@ def test_sweep_runs_two_trials_into_mlflow(tmp_path, mini_paths):
     control = [c for c in children if c.data.params["images_per_class"] == "0"]
     assert len(control) == 1 and control[0].data.params["subset_hash"] == "none"
     pretrained = [c for c in children if c.data.params["images_per_class"] == "8"][0]
+    # Curves, step = iteration: the tiny spec's trial takes 2 epochs of 2 iterations (loss at each,
+    # validation at each epoch's end).
     history = client.get_metric_history(pretrained.info.run_id, "pretrain/loss")
-    assert sorted(m.step for m in history) == [1, 2]
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    history = client.get_metric_history(pretrained.info.run_id, "pretrain/val_top1")
+    assert sorted(m.step for m in history) == [2, 4]
 
     # The store as the MLflow UI sees it, through a real server and its REST API.
     with mlflow_server(f"sqlite:///{db}", tmp_path / "server.log") as base:

@@ -64,18 +64,18 @@ def test_resume_finds_the_latest_run_of_the_same_sweep(uri):
 def test_metric_steps_are_logged_once(uri):
     tracker = Tracker("metrics", uri)
     run = tracker.trial_run("t", "t", None)
-    tracker.log_metrics(run, {"pretrain_loss": 2.5, "lr": 0.01}, step=1)
-    tracker.log_metrics(run, {"pretrain_loss": 9.9}, step=1)  # a repeated report after a retry
-    tracker.log_metrics(run, {"pretrain_loss": 1.5, "flag": True, "bad": math.nan, "name": "x"}, step=2)
+    tracker.log_metrics(run, {"pretrain/loss": 2.5, "pretrain/lr": 0.01}, step=1)
+    tracker.log_metrics(run, {"pretrain/loss": 9.9}, step=1)  # a repeated report after a retry
+    tracker.log_metrics(run, {"pretrain/loss": 1.5, "flag": True, "bad": math.nan, "name": "x"}, step=2)
     tracker.record(run, "final", {"voc07_det_map": 12.5}, None)
     tracker.record(run, "final", {"voc07_det_map": 99.0}, None)
     # A fresh tracker (the driver restarted) reads what the run holds before logging.
-    Tracker("metrics", uri).log_metrics(run, {"pretrain_loss": 7.0, "lr": 0.02}, step=1)
+    Tracker("metrics", uri).log_metrics(run, {"pretrain/loss": 7.0, "pretrain/lr": 0.02}, step=1)
     client = tracker.client
-    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain_loss")] == [(1, 2.5), (2, 1.5)]
-    assert [(m.step, m.value) for m in client.get_metric_history(run, "lr")] == [(1, 0.01)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain/loss")] == [(1, 2.5), (2, 1.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run, "pretrain/lr")] == [(1, 0.01)]
     assert [(m.step, m.value) for m in client.get_metric_history(run, "voc07_det_map")] == [(0, 12.5)]
-    assert set(client.get_run(run).data.metrics) == {"pretrain_loss", "lr", "voc07_det_map"}
+    assert set(client.get_run(run).data.metrics) == {"pretrain/loss", "pretrain/lr", "voc07_det_map"}
 
 
 def test_params_are_logged_once_and_never_changed(uri):
