@@ -36,12 +36,12 @@ def test_bench_times_both_pipelines_and_ends_with_json_on_a_bare_stack(tmp_path)
     assert result["project_img_s"] > 0 and result["baseline_img_s"] > 0
     assert result["ratio"] == pytest.approx(result["project_img_s"] / result["baseline_img_s"], rel=0.01)
     assert result["device"] == "cpu" and result["batch_size"] == 16 and result["resolution"] == 48
-    assert result["images"] == 160 and result["short_side"] == 55 and len(result["variants"]) == 1
+    assert result["images"] == 160 and result["short_side"] == 54 and len(result["variants"]) == 1  # 48 * 256 / 227
     text = "\n".join(lines)
     assert "baseline (torchvision ImageFolder" in text and "project (fast pipeline" in text and "ratio:" in text
     assert "IMPORTED []" in done.stderr
     # The images and shards stay in --work and are used again.
-    assert (tmp_path / "work" / "images" / "DONE").is_file() and (tmp_path / "work" / "shards-55").is_dir()
+    assert (tmp_path / "work" / "images" / "DONE").is_file() and (tmp_path / "work" / "shards-54").is_dir()
 
 
 def test_gpu_script_runs_its_steps_and_writes_the_table(tmp_path):
