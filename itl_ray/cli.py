@@ -203,7 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "refused with the valid ones.",
         "  itl-ray labels up_down_127 -o up_down_127.tsv\n"
         "  itl-ray labels pascal_removed --classes my_wnids.txt")
-    labels.add_argument("name", help="fine, up_down_<N>, down_up_<N>, pascal_removed, or a split name")
+    labels.add_argument("name", help="fine, parent, up_down_<N>, down_up_<N>, pascal_removed, or a split: "
+                                     "random_a, random_b, minimal_a, minimal_b")
     labels.add_argument("--classes", default=None,
                         help="file of wnids, one per line (default: the 1000 classes of ILSVRC-2012)")
     labels.add_argument("-o", "--out", default=None, help="output TSV (default: standard output)")

@@ -116,6 +116,9 @@ def read_info(folder: str | Path, kind: str, setting: str = "") -> dict:
         if path.is_dir():
             raise UserError(f"{where} is not a prepared dataset; run `itl-ray prepare {kind} ROOT OUT` and "
                             "point the setting at OUT")
+        if path.parent.name == "mini-shards":  # the defaults: the mini-benchmark `make demo` writes
+            raise UserError(f"{where} does not exist; `make demo` makes the mini-benchmark there (or point the "
+                            f"setting at a folder written by `itl-ray prepare {kind} ROOT OUT`)")
         raise UserError(f"{where} does not exist; run `itl-ray prepare {kind} ROOT OUT` and point the "
                         "setting at OUT")
     try:

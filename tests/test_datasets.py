@@ -129,3 +129,18 @@ def test_the_voc2007_sized_generator_writes_objects_of_every_size(tmp_path):
     assert (root / sample).read_bytes() == (again / sample).read_bytes()
     with pytest.raises(UserError, match="other settings"):
         synthesize_voc2007(tmp_path / "voc", trainval=4, test=2, seed=0, size=(200, 150))
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_synth_into_a_file_is_one_line_and_writes_nothing(tmp_path, where):
+    from itl_ray.datasets.synthetic import synthesize_voc2007
+
+    existing = tmp_path / "afile"
+    existing.write_text("not a folder")
+    out = existing if where == "a file" else existing / "sub"
+    for make in (lambda: synthesize(out, seed=0, sizes=SMALL), lambda: synthesize_voc2007(out, trainval=2, test=2)):
+        with pytest.raises(UserError) as refused:
+            make()
+        assert "\n" not in str(refused.value) and "afile" in str(refused.value)
+        assert "choose" in str(refused.value)
+    assert existing.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

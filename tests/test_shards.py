@@ -105,6 +105,9 @@ def test_splits_select_rows_by_name(tmp_path):
 def test_folders_that_are_not_prepared_datasets_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match=r"data.imagenet=.*missing does not exist; run `itl-ray prepare imagenet"):
         Prepared(tmp_path / "missing", "imagenet", "data.imagenet")
+    # The default paths (a fresh clone before `make demo`) say how the mini-benchmark is made.
+    with pytest.raises(UserError, match=r"mini-shards/imagenet does not exist; `make demo` makes the mini-benchmark"):
+        Prepared(tmp_path / "data" / "mini-shards" / "imagenet", "imagenet", "data.imagenet")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="is not a prepared dataset"):
         Prepared(tmp_path / "empty", "imagenet")

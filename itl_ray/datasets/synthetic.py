@@ -601,14 +601,19 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
         if json.loads(info_file.read_text()) == stamp:
             return out
         raise UserError(f"{out} already holds a mini-benchmark made with other settings; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose an empty or new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an itl_ray mini-benchmark; choose an empty or new folder")
     wordnet.load()  # fail early, with the install hint, when WordNet is missing
     needed = sorted(set(scene_pool()) | set(ACTION_OBJECTS.values()))
     looks = {wnid: look_of(wnid, seed) for wnid in needed}
     instances = instance_synsets()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as error:
+        raise UserError(f"cannot create {out} ({error.strerror}); choose a folder you can write") from None
     try:
         jobs = _image_sets(staging, seed, sizes)
         workers = workers or os.cpu_count() or 1
@@ -657,13 +662,18 @@ def synthesize_voc2007(out_dir: str | Path, trainval: int, test: int, seed: int 
         if json.loads(info_file.read_text()) == stamp:
             return out
         raise UserError(f"{out} already holds a generated set made with other settings; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose an empty or new folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not an itl_ray generated set; choose an empty or new folder")
     wordnet.load()
     instances = instance_synsets()
     looks = {wnid: look_of(wnid, seed) for wnid in sorted({w for synsets in instances.values() for w in synsets})}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as error:
+        raise UserError(f"cannot create {out} ({error.strerror}); choose a folder you can write") from None
     try:
         devkit = staging / "VOCdevkit"
         ids = [f"{i:06d}" for i in range(1, trainval + test + 1)]
