@@ -93,7 +93,7 @@ def test_caffe_sgd_multipliers_and_frozen_conv1():
     assert all(not p.requires_grad for p in conv1.parameters())
     assert not any(id(p) in ids for ids in groups.values() for p in conv1.parameters())
     assert id(head.weight) in groups[(0.01, 0.0005)] and id(head.bias) in groups[(0.02, 0.0)]
-    fc7 = network.embed[5]
+    fc7 = [layer for layer in network.embed if isinstance(layer, torch.nn.Linear)][-1]  # fc6, fc7
     assert id(fc7.weight) in groups[(0.001, 0.0005)] and id(fc7.bias) in groups[(0.002, 0.0)]
     conv2 = network.convs[1]
     assert id(conv2.weight) in groups[(0.0005, 0.0005)] and id(conv2.bias) in groups[(0.001, 0.0)]
