@@ -20,8 +20,9 @@ Parts (``--parts``, comma-separated; default ``proposals``), each a function
   recall at IoU 0.5 of the ground-truth boxes overall and by shorter side (< 32, 32-64, 64-128,
   >= 128 px). Target: recall >= 0.95 for objects of 32 px and more.
 - ``detection``: a set of ``--trainval`` + ``--test`` images (the real size by default), prepared
-  as ``itl-ray prepare voc2007`` prepares it (Selective Search included: that is prepare's cost,
-  hours on a few cores for the full size; ``--prepare-only`` stops there), then one PASCAL-DET run
+  as ``itl-ray prepare voc2007`` prepares it (with ``--proposals selective_search``, Selective
+  Search included: that is prepare's cost, hours on a few cores for the full size; with sliding
+  windows, as ``itl-ray prepare voc2007 --no-proposals``; ``--prepare-only`` stops there), then one PASCAL-DET run
   with Fast R-CNN's CaffeNet recipe (``DetectionConfig``'s defaults: 600 px, 2 images and 128
   RoIs per step, the study's full-width AlexNet at 227 px, random weights: speed does not depend
   on them) for ``--iterations`` steps and a test pass over ``--test-images`` test images, in a
@@ -146,7 +147,8 @@ def prepared_voc2007(args, folder: Path) -> Path:
     print(f"generated {args.trainval + args.test:,} images ({time.perf_counter() - started:.0f} s)", flush=True)
     out = folder / f"voc2007-{args.trainval}-{args.test}-prepared"
     started = time.perf_counter()
-    info = prepare("voc2007", str(root / "VOCdevkit"), out, workers=args.workers)
+    with_proposals = args.proposals == "selective_search"  # else sliding windows: no Selective Search needed
+    info = prepare("voc2007", str(root / "VOCdevkit"), out, workers=args.workers, proposals=with_proposals)
     print(f"prepared {info['images']:,} images ({time.perf_counter() - started:.0f} s)", flush=True)
     return out
 

@@ -142,6 +142,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="voc2007: drop proposals narrower or lower than this many px (default 20)")
     prepare.add_argument("--proposal-max-boxes", type=int, default=None,
                          help="voc2007: proposals kept per image, best first (default and most 2000)")
+    prepare.add_argument("--no-proposals", action="store_true",
+                         help="voc2007: store no Selective Search proposals (hours on a few cores for all of "
+                              "VOC 2007); the folder then serves transfer.detection.proposals: sliding_window "
+                              "only, and preparing it again without this flag adds them in place")
 
     report = _command(
         commands, "report", "the study's tables, plots, confidence intervals and HTML page from MLflow",
@@ -309,9 +313,12 @@ def command_prepare(args) -> int:
     proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks else None,
                         "min_box_side": args.proposal_min_side, "max_boxes": args.proposal_max_boxes}
     proposal_options = {key: value for key, value in proposal_options.items() if value is not None}
-    if proposal_options and args.kind != "voc2007":
-        raise UserError(f"--proposal-* options apply to voc2007 only, not to {args.kind}")
-    proposal_settings = ProposalSettings(**proposal_options) if args.kind == "voc2007" else None
+    if (proposal_options or args.no_proposals) and args.kind != "voc2007":
+        raise UserError(f"--proposal-* and --no-proposals apply to voc2007 only, not to {args.kind}")
+    if proposal_options and args.no_proposals:
+        raise UserError("--proposal-* options were given with --no-proposals; give one or the other")
+    with_proposals = args.kind == "voc2007" and not args.no_proposals
+    proposal_settings = ProposalSettings(**proposal_options) if with_proposals else None
     started = time.time()
 
     def progress(done, total, skipped):
@@ -319,10 +326,10 @@ def command_prepare(args) -> int:
               end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress,
-                   proposal_settings=proposal_settings)
+                   proposal_settings=proposal_settings, proposals=not args.no_proposals)
     line = (f"{args.out}: {info['images']:,} {args.kind} images in {info['shards']} shards, {info['skipped']} skipped "
             f"(listed in {Path(args.out) / 'report.json'})")
-    if args.kind == "voc2007":
+    if with_proposals:
         proposals = json.loads((Path(args.out) / "report.json").read_text())["proposals"]
         recall = proposals["recall_iou_0.5"]["all"]["recall"]
         line += (f"; Selective Search: {proposals['boxes_per_image']['mean']} boxes per image, recall "

@@ -322,21 +322,25 @@ def _claim_folder(out: Path, identity: dict) -> bool:
 
 def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSettings | None = None,
             workers: int | None = None, progress: Callable[[int, int, int], None] | None = None,
-            proposal_settings: ProposalSettings | None = None) -> dict:
+            proposal_settings: ProposalSettings | None = None, proposals: bool = True) -> dict:
     """Prepare ``kind`` from ``location`` into ``out_dir``; returns the contents of PREPARED.json.
 
     ``progress(done_items, total_items, skipped)`` is called as image shards finish; Selective
     Search (VOC 2007 only; ``proposal_settings``, default ``ProposalSettings()``) shows its own
-    progress line on standard error."""
+    progress line on standard error. ``proposals=False`` (VOC 2007) stores no proposals: such a
+    folder serves ``transfer.detection.proposals: sliding_window`` only, and preparing it again
+    with proposals adds them in place."""
     if kind not in KINDS:
         raise UserError(f"unknown dataset kind {kind!r}; use one of: {', '.join(KINDS)}")
     settings = settings or PrepareSettings(short_side=DEFAULT_SHORT_SIDE[kind])
     settings.validate()
-    if kind == "voc2007":
+    if kind != "voc2007" and (proposal_settings is not None or not proposals):
+        raise UserError(f"proposal settings apply to voc2007 only, not to {kind}")
+    if not proposals and proposal_settings is not None:
+        raise UserError("proposal settings were given with proposals turned off; give one or the other")
+    if kind == "voc2007" and proposals:
         proposal_settings = proposal_settings or ProposalSettings()
         proposal_settings.validate()
-    elif proposal_settings is not None:
-        raise UserError(f"proposal settings apply to voc2007 only, not to {kind}")
     out = Path(out_dir).expanduser().resolve()
     warnings: list[str] = []
     items = plan_items(kind, location, warnings)

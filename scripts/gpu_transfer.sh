@@ -10,8 +10,8 @@
 # (prepare's Selective Search) and nltk with WordNet (the generated set's classes); the project
 # need not be installed: it runs with PYTHONPATH=.. Parts, each under `timeout`:
 #   1. generate a VOC-2007-sized set (5,011 trainval + 4,952 test images, 500 x 375 px, objects of
-#      all sizes: synthesize_voc2007) and prepare it as `itl-ray prepare voc2007` does (all cores),
-#      Selective Search included (about 1.2 CPU s per image: minutes on 16 cores, see LIMIT_DATA);
+#      all sizes: synthesize_voc2007) and prepare it as `itl-ray prepare voc2007 --no-proposals`
+#      does (all cores; no Selective Search, which this timing does not use);
 #   2. the detection stage with the recipe (600 px, 2 images and 128 RoIs per step, the study's
 #      full-width AlexNet at 227 px, random weights: speed does not depend on them) for
 #      $ITERATIONS iterations and a test pass over $TEST_IMAGES test images, on the GPU, images

@@ -6,8 +6,8 @@ as `make demo` prepares it; the trials are those of ``sweeps/smoke.yaml`` with i
 this process without Ray and with one torch thread, as the demo's sweep runs each trial
 (``cpus_per_trial: 1``); the two trials run side by side in two processes, as the demo runs two at
 a time. The pretrained trial is the smoke sweep's smallest (10 classes x 40 images): the least
-pretraining of the sweep, the cheapest trial (its pretraining takes a fifth of the 40 x 120 one's),
-and the one whose margins are the smallest in the demo's table.
+pretraining of the sweep and the cheapest trial (its pretraining takes a tenth of the 40 x 120
+one's).
 
 Cost, measured on the 2-core development machine while other jobs shared it: 256 s in all at load
 about 3 (generating and preparing the mini-benchmark 60 s, the two trials side by side 191 s; one

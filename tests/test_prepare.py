@@ -342,14 +342,13 @@ def test_voc2007_proposals_are_stored_per_image_with_their_recall(mini_paths, ra
 
 def test_a_folder_without_proposals_or_with_foreign_ones_is_prepared_again_in_place(tmp_path, raw_paths):
     out = tmp_path / "out"
-    prepare("voc2007", raw_paths["voc2007"], out, PrepareSettings(short_side=0, shard_size=16), workers=2)
+    # --no-proposals: as a folder prepared before proposals were stored looks.
+    done = itl_ray("prepare", "voc2007", raw_paths["voc2007"], str(out), "--shard-size", "16", "--no-proposals")
+    assert done.returncode == 0, done.stderr
+    assert "Selective Search" not in done.stdout and not (out / "proposals").exists()
+    assert "proposals" not in json.loads((out / "report.json").read_text())
+    assert "proposals" not in json.loads((out / "PREPARED.json").read_text())
     images = _shard_files(out)
-    # As a folder prepared before proposals were stored looks.
-    shutil.rmtree(out / "proposals")
-    for name in ("PREPARED.json", "plan.json"):
-        identity = json.loads((out / name).read_text())
-        del identity["proposals"]
-        (out / name).write_text(json.dumps(identity))
     again = "run `itl-ray prepare voc2007 ROOT OUT` again"
     with pytest.raises(UserError, match="holds no Selective Search proposals .*" + again):
         Prepared(out, "voc2007").proposals(0)
@@ -386,6 +385,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mini):
     out = tmp_path / "out"
     assert_one_line_error(itl_ray("prepare", "imagenet", str(tmp_path / "missing"), str(out)),
                           "missing", "does not exist")
+    assert_one_line_error(itl_ray("prepare", "sun397", str(tmp_path), str(out), "--no-proposals"),
+                          "--no-proposals apply to voc2007 only, not to sun397")
+    assert_one_line_error(itl_ray("prepare", "voc2007", str(tmp_path), str(out), "--no-proposals",
+                                  "--proposal-ks", "50"), "--proposal-* options were given with --no-proposals")
     assert_one_line_error(itl_ray("prepare", "cifar10", str(tmp_path), str(out)),
                           "unknown dataset kind 'cifar10'", "imagenet, voc2007, voc2012-action, sun397")
     (tmp_path / "empty").mkdir()
