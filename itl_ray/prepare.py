@@ -315,7 +315,11 @@ def _claim_folder(out: Path, identity: dict) -> bool:
         return (out / INFO).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an itl_ray prepared folder; choose an empty or new folder")
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the output folder {out} ({error.strerror or error}); choose a folder "
+                        "you can write to") from None
     write_json(out / PLAN, identity)
     return False
 

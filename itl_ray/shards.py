@@ -298,8 +298,9 @@ class Prepared:
             if shard in self._boxes:
                 return self._boxes[shard]
             if "proposals" not in self.info:
-                raise UserError(f"{self.where} holds no Selective Search proposals (prepared before they were "
-                                f"stored); {RERUN_VOC2007}")
+                raise UserError(f"{self.where} holds no Selective Search proposals (prepared with --no-proposals "
+                                f"or before they were stored); {RERUN_VOC2007}, or set "
+                                "transfer.detection.proposals: sliding_window")
             path = proposals_path(self.folder, shard)
             try:
                 table = read_proposals(path)

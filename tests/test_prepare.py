@@ -385,6 +385,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mini):
     out = tmp_path / "out"
     assert_one_line_error(itl_ray("prepare", "imagenet", str(tmp_path / "missing"), str(out)),
                           "missing", "does not exist")
+    (tmp_path / "a_file").write_text("not a folder")
+    assert_one_line_error(itl_ray("prepare", "sun397", str(mini / "SUN397"), str(tmp_path / "a_file" / "out")),
+                          "cannot create the output folder", str(tmp_path / "a_file" / "out"))
+    assert (tmp_path / "a_file").read_text() == "not a folder"
     assert_one_line_error(itl_ray("prepare", "sun397", str(tmp_path), str(out), "--no-proposals"),
                           "--no-proposals apply to voc2007 only, not to sun397")
     assert_one_line_error(itl_ray("prepare", "voc2007", str(tmp_path), str(out), "--no-proposals",

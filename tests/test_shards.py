@@ -229,7 +229,9 @@ def test_proposals_of_another_folder_or_none_say_prepare_again(tmp_path):
                                                                (0, 1), (0, 0)]]
     pq.write_table(pq.read_table(folder / MANIFEST).append_column("sha256", pa.array(sums)), folder / MANIFEST)
     again = r"run `itl-ray prepare voc2007 ROOT OUT` again"
-    with pytest.raises(UserError, match=r"data.voc2007=.* holds no Selective Search proposals .*" + again):
+    with pytest.raises(UserError, match=r"data.voc2007=.* holds no Selective Search proposals \(prepared with "
+                                        r"--no-proposals .*" + again + ", or set transfer.detection.proposals: "
+                                        "sliding_window"):
         Prepared(folder, "voc2007", "data.voc2007").proposals(0)
     with pytest.raises(UserError, match="holds no Selective Search proposals"):
         Prepared(folder, "voc2007").check_proposals()
