@@ -313,8 +313,10 @@ def command_prepare(args) -> int:
     proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks else None,
                         "min_box_side": args.proposal_min_side, "max_boxes": args.proposal_max_boxes}
     proposal_options = {key: value for key, value in proposal_options.items() if value is not None}
-    if (proposal_options or args.no_proposals) and args.kind != "voc2007":
-        raise UserError(f"--proposal-* and --no-proposals apply to voc2007 only, not to {args.kind}")
+    if proposal_options and args.kind != "voc2007":
+        raise UserError(f"--proposal-* options apply to voc2007 only, not to {args.kind}")
+    if args.no_proposals and args.kind != "voc2007":
+        raise UserError(f"--no-proposals applies to voc2007 only, not to {args.kind}")
     if proposal_options and args.no_proposals:
         raise UserError("--proposal-* options were given with --no-proposals; give one or the other")
     with_proposals = args.kind == "voc2007" and not args.no_proposals

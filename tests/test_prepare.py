@@ -390,7 +390,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mini):
                           "cannot create the output folder", str(tmp_path / "a_file" / "out"))
     assert (tmp_path / "a_file").read_text() == "not a folder"
     assert_one_line_error(itl_ray("prepare", "sun397", str(tmp_path), str(out), "--no-proposals"),
-                          "--no-proposals apply to voc2007 only, not to sun397")
+                          "--no-proposals applies to voc2007 only, not to sun397")
     assert_one_line_error(itl_ray("prepare", "voc2007", str(tmp_path), str(out), "--no-proposals",
                                   "--proposal-ks", "50"), "--proposal-* options were given with --no-proposals")
     assert_one_line_error(itl_ray("prepare", "cifar10", str(tmp_path), str(out)),
