@@ -308,6 +308,9 @@ def command_prepare(args) -> int:
 
     if args.kind not in KINDS:
         raise UserError(f"unknown dataset kind {args.kind!r}; use one of: {', '.join(KINDS)}")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give a number of processes of at least 1, or leave it out "
+                        "for all cores")
     short_side = DEFAULT_SHORT_SIDE[args.kind] if args.short_side is None else args.short_side
     settings = PrepareSettings(short_side=short_side, quality=args.quality, shard_size=args.shard_size)
     proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks else None,

@@ -663,6 +663,8 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
     a YAML error or of a key given twice, or the key path (``grid.pretrain.lr[1]=...``,
     ``extra_trials[0]: ...``)."""
     spec_path = Path(path)
+    if spec_path.is_dir():
+        raise UserError(f"spec file {str(path)!r} is a folder; give the path of a spec's .yaml file (sweeps/ holds some)")
     if not spec_path.is_file():
         raise UserError(f"spec file {str(path)!r} does not exist")
     try:

@@ -102,3 +102,31 @@ def quiet_ray(stdout=None) -> None:
         settings["RAY_COLOR_PREFIX"] = "0"
     for key, value in settings.items():
         os.environ.setdefault(key, value)
+
+
+def quiet_lost_sigterm() -> None:
+    """In a Ray worker (a trial's process): print nothing for a SIGTERM that Python could not
+    deliver, where Python would print a traceback.
+
+    Ray's workers handle SIGTERM by raising ``SystemExit`` (``ray/_private/worker.py``,
+    ``Worker.main_loop``). Python runs a signal handler wherever the main thread is, and when that is
+    inside a weakref callback or a ``__del__`` (garbage collection), the ``SystemExit`` cannot
+    propagate: Python ignores it and prints "Exception ignored in: ... SystemExit: 1" with its
+    traceback. On a loaded machine this happens as the raylet ends a finished trial's worker. The
+    worker still ends: the raylet sends SIGKILL after ``kill_worker_timeout_milliseconds``
+    (``NodeManager::KillWorker``, ``src/ray/raylet/node_manager.cc``; default 100 ms).
+
+    This installs a ``sys.unraisablehook`` that ignores an undeliverable ``SystemExit`` as Python
+    does, without the print; every other unraisable exception goes to the hook that was installed
+    before, as before. Process-wide, idempotent, and safe from any thread (Tune runs a trial in a
+    thread of its own)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_lost_sigterm", False):
+        return
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    hook.quiet_lost_sigterm = True
+    sys.unraisablehook = hook

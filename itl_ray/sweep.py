@@ -55,7 +55,7 @@ import yaml
 
 from itl_ray import tables
 from itl_ray.config import PlannedTrial, SweepSpec, TrialConfig, from_dict, to_dict, trial_id, trial_name
-from itl_ray.console import SweepProgress, quiet_ray, say
+from itl_ray.console import SweepProgress, quiet_lost_sigterm, quiet_ray, say
 from itl_ray.cost import Throughput, TrialCost, image_flops, throughput, trial_cost
 from itl_ray.errors import Interrupted, UserError
 from itl_ray.files import check_writable, describe_disk_error, disk_error
@@ -264,6 +264,7 @@ def _trainable(params: dict) -> None:
     from itl_ray.trial import run_trial
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "Checkpoint successfully created" per report
+    quiet_lost_sigterm()  # Ray's SIGTERM during garbage collection: no traceback on the console
 
     params = params["trial"]
     config = from_dict(TrialConfig, params["config"])

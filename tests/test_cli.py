@@ -29,6 +29,7 @@ def assert_one_line_error(done, *fragments):
 
 def test_missing_spec(tmp_path):
     assert_one_line_error(itl_ray("sweep", str(tmp_path / "nope.yaml")), "nope.yaml", "does not exist")
+    assert_one_line_error(itl_ray("sweep", str(tmp_path)), str(tmp_path), "is a folder", ".yaml")
 
 
 def test_spec_not_yaml(tmp_path):

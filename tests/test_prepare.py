@@ -634,4 +634,6 @@ def test_proposal_options_of_the_command(tmp_path):
                                   "3000"), "max_boxes must be 1..2000, got 3000")
     assert_one_line_error(itl_ray("prepare", "sun397", str(devkit), str(tmp_path / "out3"), "--proposal-ks", "50"),
                           "--proposal-* options apply to voc2007 only, not to sun397")
-    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+    assert_one_line_error(itl_ray("prepare", "voc2007", str(devkit), str(tmp_path / "out4"), "--workers", "0"),
+                          "--workers 0", "at least 1")
+    assert not any((tmp_path / name).exists() for name in ("out2", "out3", "out4"))

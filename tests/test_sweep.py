@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import tiny_spec
 from tests.mlflow_server import mlflow_server, rest
+from tests.processes import ray_tmpdir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -207,6 +208,84 @@ def test_trial_folders_are_named_after_the_trial():
         "num_classes=10,images_per_class=40-3d41f04249ae")
     assert trial_folder_name("label_set=up_down 127/x", "abc") == "label_set=up_down_127_x-abc"
     assert len(trial_folder_name("x" * 500, "abc")) == 104
+
+
+# A SIGTERM whose handler runs inside a weakref callback, as when garbage collection is under way;
+# then a callback that raises another error.
+LOST_SIGTERM = """
+import os, signal, sys, weakref
+{setup}
+class Held:
+    pass
+
+def on_collected(_):
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at once, inside the callback
+
+def on_collected_wrongly(_):
+    raise ValueError("a broken callback")
+
+def lose_sigterm(install):
+    if install:
+        from itl_ray.console import quiet_lost_sigterm
+        quiet_lost_sigterm()
+    for callback in (on_collected, on_collected_wrongly):
+        held = Held()
+        ref = weakref.ref(held, callback)
+        del held
+    return "survived"
+{run}
+"""
+
+
+@pytest.mark.parametrize("install", [False, True])
+def test_a_sigterm_lost_in_a_weakref_callback_prints_no_traceback(install):
+    # Ray's worker handler, as in ray/_private/worker.py: raise SystemExit(1).
+    script = LOST_SIGTERM.format(
+        setup="def handler(number, frame):\n    raise SystemExit(1)\nsignal.signal(signal.SIGTERM, handler)",
+        run=f"print(lose_sigterm({install}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stdout) == (0, "survived\n")  # Python ignores it, with or without the hook
+    assert ("SystemExit" in done.stderr) is not install
+    assert "ValueError: a broken callback" in done.stderr  # other errors are printed as before
+
+
+def test_a_ray_worker_that_loses_a_sigterm_prints_no_traceback(tmp_path, ray_tmpdir):
+    """With Ray's own SIGTERM handler, in an actor's process: the log of the worker whose hook is
+    installed has no SystemExit traceback; that of one without the hook has it."""
+    driver = LOST_SIGTERM.format(setup="", run="""
+import json, ray
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Worker:
+    def pid(self):
+        return os.getpid()
+
+    def lose_sigterm(self, install):
+        return lose_sigterm(install)
+
+outcome = {}
+for install in (False, True):
+    worker = Worker.remote()
+    outcome[str(install)] = [ray.get(worker.pid.remote()), ray.get(worker.lose_sigterm.remote(install))]
+    ray.kill(worker)
+print(json.dumps(outcome))
+ray.shutdown()
+""")
+    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+
+    def log_of(pid: int) -> str:
+        return "".join(path.read_text() for path in ray_tmpdir.glob(f"**/logs/worker-*-{pid}.err"))
+
+    for install, (pid, result) in outcome.items():
+        assert result == "survived"
+        log = log_of(pid)
+        assert "ValueError: a broken callback" in log  # the worker's log is where its errors go
+        assert ("SystemExit" in log) is (install == "False"), log
 
 
 def test_quiet_ray_keeps_what_the_user_set(monkeypatch):
