@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from itl_ray.errors import Interrupted, UserError
+from itl_ray.files import describe_disk_error, disk_error
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -54,9 +56,17 @@ def _command(commands, name: str, summary: str, description: str, examples: str)
                                epilog=f"examples:\n{examples}", formatter_class=HelpFormatter)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a command line it cannot parse is one line on stderr (exit code 2)
+    naming the command and its ``--help``, not argparse's usage block; its subcommands are Parsers too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """The ``itl-ray`` parser with its subcommands (contract: command line in the design)."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="itl-ray", formatter_class=HelpFormatter,
         description="What makes ImageNet good for transfer learning? Pretrain AlexNet on ImageNet subsets\n"
                     "(Ray Tune sweeps), measure how well it transfers to VOC 2007 detection, VOC 2012 actions\n"
@@ -313,7 +323,7 @@ def command_prepare(args) -> int:
                         "for all cores")
     short_side = DEFAULT_SHORT_SIDE[args.kind] if args.short_side is None else args.short_side
     settings = PrepareSettings(short_side=short_side, quality=args.quality, shard_size=args.shard_size)
-    proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks else None,
+    proposal_options = {"ks": _numbers(args.proposal_ks, int, "--proposal-ks") if args.proposal_ks is not None else None,
                         "min_box_side": args.proposal_min_side, "max_boxes": args.proposal_max_boxes}
     proposal_options = {key: value for key, value in proposal_options.items() if value is not None}
     if proposal_options and args.kind != "voc2007":
@@ -330,8 +340,16 @@ def command_prepare(args) -> int:
         print(f"\rprepare {args.kind}: {done:,}/{total:,} images, {skipped} skipped, {time.time() - started:.0f} s",
               end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress,
-                   proposal_settings=proposal_settings, proposals=not args.no_proposals)
+    try:
+        info = prepare(args.kind, args.root, args.out, settings, workers=args.workers, progress=progress,
+                       proposal_settings=proposal_settings, proposals=not args.no_proposals)
+    except OSError as error:
+        full = disk_error(error)
+        if full is None:
+            raise
+        print(file=sys.stderr)  # past the progress line
+        raise UserError(f"cannot write {describe_disk_error(full, args.out)}; free space or make it writable, then "
+                        "run the same command again: the shards written so far are kept") from None
     line = (f"{args.out}: {info['images']:,} {args.kind} images in {info['shards']} shards, {info['skipped']} skipped "
             f"(listed in {Path(args.out) / 'report.json'})")
     if with_proposals:
@@ -423,6 +441,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader of our output left (`itl-ray ... | head`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
+    except OSError as error:
+        full = disk_error(error)
+        if full is None or args.debug:
+            raise
+        print(f"error: cannot write {describe_disk_error(full)}; free space or make it writable, then run the same "
+              "command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupted:
         number = getattr(interrupted, "signal_number", signal.SIGINT)

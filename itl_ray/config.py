@@ -78,10 +78,12 @@ class ModelConfig:
     (``variant``: bvlc_reference_caffenet by default, or bvlc_alexnet; ``init``: caffe, the
     prototxt's Gaussians, or kaiming); the mini-benchmark runs a narrow, small one (0.25 at 64 px)."""
 
-    width: Annotated[float, Gt(0)] = 1.0  # channel multiplier of every layer (1.0: the study's AlexNet)
+    # Channel multiplier of every layer (1.0: the study's AlexNet). Upper bound (an assumption, not
+    # the study's): 8x is 64x the parameters, about 3.9 billion; wider cannot be meant.
+    width: Annotated[float, Interval(gt=0, le=8)] = 1.0
     # Square input side for pretraining and classification transfer, px; below MIN_RESOLUTION (39)
-    # pool5 has no cell.
-    resolution: Annotated[int, Ge(MIN_RESOLUTION)] = 227
+    # pool5 has no cell. Upper bound 1024 (an assumption): 20x the study's pixels per image.
+    resolution: Annotated[int, Interval(ge=MIN_RESOLUTION, le=1024)] = 227
     # Which Caffe prototxt: bvlc_reference_caffenet (LRN after pooling) or bvlc_alexnet (before).
     variant: Variant = "bvlc_reference_caffenet"
     init: Init = "caffe"  # caffe: the prototxt's Gaussian fillers; kaiming: He initialisation (small nets)
@@ -193,8 +195,9 @@ class SweepSpec:
     def check(self) -> None:
         """The rules between fields (bounds are declared on the fields): ValueError naming them."""
         if self.experiments and self.grid:
-            raise ValueError("grid: a spec with experiments keeps each grid under its experiment "
-                             "(experiments.NAME.grid)")
+            raise ValueError(f"grid: a spec has either a top-level grid or experiments, not both; this one has the "
+                             f"grid over {', '.join(self.grid)} and the experiments {', '.join(self.experiments)}: "
+                             "move the grid under an experiment (experiments.NAME.grid) or remove one of them")
         if self.experiments and self.experiment:
             raise ValueError("experiment: a spec with experiments names them under experiments")
         for name, experiment in self.experiments.items():
@@ -584,8 +587,8 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
     """Set ``a.b.c`` in a nested mapping, creating sections as needed; a mapping given for a
-    section is merged into it key by key. UserError when a part of the path is a value, not a
-    section."""
+    section is merged into it key by key, an empty mapping replaces it (``grid={}`` clears the grid).
+    UserError when a part of the path is a value, not a section."""
     *parents, last = dotted.split(".")
     node = mapping
     for part in parents:
@@ -595,7 +598,7 @@ def set_dotted(mapping: dict, dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise UserError(f"{dotted}: {part!r} is a value, not a section")
         node = child
-    if isinstance(value, dict) and isinstance(node.get(last), dict):
+    if isinstance(value, dict) and value and isinstance(node.get(last), dict):
         for key, item in value.items():
             set_dotted(node[last], str(key), item)
     else:
@@ -643,8 +646,16 @@ def _typed(dotted: str, value: Any, where: str, path: str) -> Any:
 
 
 def _typed_grid(grid: dict[str, list], where: str) -> dict[str, list]:
-    return {dotted: [_typed(dotted, value, where, f"{where}.{dotted}[{index}]") for index, value in enumerate(values)]
-            for dotted, values in grid.items()}
+    """Each axis's values converted to the setting's type; UserError for a value an axis lists
+    twice (it would be one trial, silently)."""
+    typed = {dotted: [_typed(dotted, value, where, f"{where}.{dotted}[{index}]") for index, value in enumerate(values)]
+             for dotted, values in grid.items()}
+    for dotted, values in typed.items():
+        seen = [json.dumps(value, sort_keys=True) for value in values]
+        twice = next((index for index, value in enumerate(seen) if value in seen[:index]), None)
+        if twice is not None:
+            raise UserError(f"{where}.{dotted} lists {values[twice]!r} twice ({values}); list each value once")
+    return typed
 
 
 def _typed_points(points: list[dict], where: str) -> list[dict]:
@@ -687,6 +698,11 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Swee
             grid[dotted[len("grid."):]] = value
         else:
             set_dotted(raw, dotted, value)
+    known = sorted({f.name for f in dataclasses.fields(TrialConfig) if f.init} | set(SWEEP_KEYS) - {"trial"})
+    for key in raw:
+        if key not in known:
+            moved = f" (it is {MOVED[key]} now)" if key in MOVED else ""
+            raise UserError(f"spec file {str(path)!r}: unknown key {key!r}{moved}; known keys here: {', '.join(known)}")
     sweep_part = {key: raw.pop(key) for key in list(raw) if key in SWEEP_KEYS}
     sweep_part.setdefault("description", header_comment(spec_path.read_text()))
     trial = from_dict(TrialConfig, raw)

@@ -79,8 +79,8 @@ def throughput(img_per_s: float | None = None, bench_result: Path = BENCH_RESULT
     ``itl-ray bench --device cuda`` result, else the assumed default."""
     width, resolution = DEFAULT_REFERENCE
     if img_per_s is not None:
-        if not img_per_s > 0:
-            raise UserError(f"--img-per-s must be positive, got {img_per_s}")
+        if not 0 < img_per_s < math.inf:
+            raise UserError(f"--img-per-s must be a positive, finite number of images per second, got {img_per_s}")
         return Throughput(img_per_s, width, resolution, f"--img-per-s {img_per_s:,.0f} (AlexNet width 1.0, 224 px)")
     note = ""
     if bench_result.is_file():

@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -297,6 +298,19 @@ def _proposals_chunk(job: tuple) -> tuple[int, list[int], list, float]:
     return index, offsets, boxes, time.process_time() - started
 
 
+def _damage(out: Path, kind: str) -> str | None:
+    """What is wrong with the finished folder ``out`` (``Prepared.verify``: the manifest, each
+    shard's footer, columns, rows and size), as ``<folder>: <file> ...; making what is damaged
+    again``; None when it is whole."""
+    from itl_ray.shards import Prepared
+
+    try:
+        Prepared(out, kind, again="making what is damaged again").verify()
+    except UserError as error:
+        return str(error)
+    return None
+
+
 def _claim_folder(out: Path, identity: dict) -> bool:
     """Make ``out`` this preparation's folder. Returns True when it is already complete."""
     if (out / INFO).is_file() or (out / PLAN).is_file():
@@ -315,12 +329,18 @@ def _claim_folder(out: Path, identity: dict) -> bool:
         return (out / INFO).is_file()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an itl_ray prepared folder; choose an empty or new folder")
+    made = not out.exists()
     try:
         (out / SHARDS).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"cannot create the output folder {out} ({error.strerror or error}); choose a folder "
                         "you can write to") from None
-    write_json(out / PLAN, identity)
+    try:
+        write_json(out / PLAN, identity)
+    except OSError:
+        if made:  # a folder without its plan would be refused next time: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return False
 
 
@@ -357,9 +377,14 @@ def prepare(kind: str, location: str, out_dir: str | Path, settings: PrepareSett
         identity["proposals"] = proposal_settings.identity()
     chunks = [items[start : start + settings.shard_size] for start in range(0, len(items), settings.shard_size)]
     if _claim_folder(out, identity):
-        if proposal_settings is None or not _proposal_jobs(out, len(chunks)):
+        damage = _damage(out, kind)
+        if damage is None and (proposal_settings is None or not _proposal_jobs(out, len(chunks))):
             return json.loads((out / INFO).read_text())
-        (out / INFO).unlink()  # proposals missing or of other images: made again below, then finished again
+        if damage is not None:
+            print(damage, file=sys.stderr, flush=True)
+        # Damaged, or proposals missing or of other images: unreadable shards and missing proposals
+        # are made again below, and the manifest and PREPARED.json are rebuilt from the shards.
+        (out / INFO).unlink()
     for line in warnings:  # the data is usable: said once it is being prepared
         print(line, file=sys.stderr, flush=True)
 

@@ -102,7 +102,9 @@ class PretrainConfig:
     # (iterations times (subset / full images) ** subset_power); see the module docstring.
     subset_schedule: Literal["same_iterations", "same_epochs", "scaled"] = "same_iterations"
     subset_power: Annotated[float, Interval(ge=0, le=1)] = 0.5
-    batch_size: Annotated[int, Ge(1)] = 256  # images per SGD step (train_val.prototxt batch_size)
+    # Images per SGD step (train_val.prototxt batch_size). Upper bound 65,536 (an assumption): 256x the
+    # study's, beyond any large-batch AlexNet recipe.
+    batch_size: Annotated[int, Interval(ge=1, le=65536)] = 256
     lr: Annotated[float, Gt(0)] = 0.01  # base_lr at batch_size, for weights (biases: twice, lr_mult 2)
     momentum: Annotated[float, Interval(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Ge(0)] = 5e-4  # on weights (biases: decay_mult 0)

@@ -200,13 +200,13 @@ def read_proposals(path: Path) -> pa.Table:
 class Prepared:
     """An opened prepared dataset: its manifest, and its images read by manifest row."""
 
-    def __init__(self, folder: str | Path, kind: str, setting: str = ""):
+    def __init__(self, folder: str | Path, kind: str, setting: str = "", again: str | None = None):
         self.folder = Path(folder).expanduser().resolve()
         self.kind = kind
         self.where = f"{setting}={folder}" if setting else str(folder)
-        # What to do about a damaged folder: a new preparation (prepare skips a folder it finished).
-        self._again = (f"prepare the dataset again (`itl-ray prepare {kind} ROOT OUT`, OUT a new folder) and point "
-                       f"{setting or 'the setting'} at it")
+        # What a damaged folder's error tells the user to do (``again``): by default, prepare it anew.
+        self._again = again or (f"prepare the dataset again (`itl-ray prepare {kind} ROOT OUT`, OUT a new folder) "
+                                f"and point {setting or 'the setting'} at it")
         self.info = read_info(folder, kind, setting)
         self.manifest = _read_manifest(self.folder / MANIFEST, self.where, self._again)
         self._shard = self.manifest.column("shard").to_numpy()

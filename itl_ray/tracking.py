@@ -109,6 +109,10 @@ def tracking_uri(create: bool = True) -> str:
     made so that a writer can open the store; a reader passes ``create=False``."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if _local_path(uri) is not None:
+            raise UserError(f"MLFLOW_TRACKING_URI={uri} names a folder (MLflow's file store, which MLflow 3 refuses unless "
+                            "told); set it to a database, e.g. sqlite:////ABSOLUTE/PATH/mlflow.db, or to a server, "
+                            "http://HOST:PORT")
         return uri
     store = Path(DEFAULT_STORE).resolve()
     if create:
@@ -504,7 +508,7 @@ class Reader:
             self.client = open_client(self.uri, reader=True)  # not while a writer creates the store
             self._experiments = {e.name: e for e in self.client.search_experiments()}
         except Exception as error:  # a file that is not an MLflow database, a refused connection
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot open MLflow store {self.uri}: {first}") from None
 
     def experiment_names(self) -> list[str]:
@@ -543,7 +547,7 @@ class Reader:
     def _listing(self) -> str:
         names = self.experiment_names()
         if not names:
-            return "it holds no sweep yet: run `itl-ray sweep SPEC` first"
+            return "no experiment holds one yet: run `itl-ray sweep SPEC` first"
         return "experiments with sweeps: " + ", ".join(names) + " (itl-ray report --experiment NAME)"
 
     def experiment_name(self, experiment_id: str) -> str:

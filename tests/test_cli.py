@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,9 @@ def test_synth_refuses_a_foreign_folder(tmp_path):
     (tmp_path / "x" / "file.txt").write_text("mine")
     assert_one_line_error(itl_ray("synth", str(tmp_path / "x")), "not an itl_ray mini-benchmark")
     assert (tmp_path / "x" / "file.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("mine")
+    assert_one_line_error(itl_ray("synth", str(tmp_path / "a_file" / "mini")), "cannot create",
+                          f"{tmp_path / 'a_file'} is a file, not a folder")
 
 
 def test_missing_wordnet_says_how_to_install(tmp_path):
@@ -215,3 +220,25 @@ def test_every_command_has_a_description_an_example_and_its_defaults():
                 shown = " ".join((sub.formatter_class(prog="x")._get_help_string(action) or "").split())
                 assert "default" in shown, (name, action.option_strings)
                 assert " ".join(shown.split("%(default)s")[0].split()) in text, (name, action.option_strings)
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(tmp_path, mini_paths):
+    spec = tiny_spec(tmp_path / "s.yaml", mini_paths)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before the first line (`itl-ray ... | true`)
+    try:
+        done = subprocess.run([sys.executable, "-m", "itl_ray.cli", "sweep", str(spec), "--dry-run"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["bench", "--device", "tpu"], ["itl-ray bench", "invalid choice: 'tpu'", "`itl-ray bench --help`"]),
+    (["sweep", "s.yaml", "--img-per-s", "abc"], ["itl-ray sweep", "--img-per-s", "abc", "`itl-ray sweep --help`"]),
+    (["nosuch"], ["itl-ray", "invalid choice: 'nosuch'", "`itl-ray --help`"]),
+    (["prepare", "sun397"], ["itl-ray prepare", "required", "`itl-ray prepare --help`"]),
+])
+def test_a_command_line_argparse_cannot_read_is_one_line(tmp_path, args, fragments):
+    assert_one_line_error(itl_ray(*args, cwd=tmp_path), *fragments)

@@ -51,6 +51,11 @@ def test_overrides_are_typed(tmp_path):
     spec = load_spec(write(tmp_path, "name: s\n"), parse_overrides(["pretrain.lr=0.5", "model.width=1", "data.imagenet=/x"]))
     assert spec.trial.pretrain.lr == 0.5 and spec.trial.model.width == 1.0 and spec.trial.data.imagenet == "/x"
     assert isinstance(spec.trial.model.width, float)
+    spec_text = "name: s\ngrid: {pretrain.lr: [0.1, 0.2]}\nextra_trials: [{seed: 1}]\n"
+    merged = load_spec(write(tmp_path, spec_text), parse_overrides(["grid={seed: [3]}"]))
+    assert merged.grid == {"pretrain.lr": [0.1, 0.2], "seed": [3]}  # a mapping merges into the grid
+    cleared = load_spec(write(tmp_path, spec_text), parse_overrides(["grid={}"]))
+    assert cleared.grid == {} and [t.seed for t in cleared.trials()] == [1]  # an empty one clears it
 
 
 def test_a_key_given_twice_names_both_lines(tmp_path):
@@ -104,6 +109,9 @@ grid:
 
 @pytest.mark.parametrize("text, message", [
     ("pretrain: {epoch: 3}\n", "unknown key 'pretrain.epoch'"),
+    ("bogus: 1\n", "unknown key 'bogus'; known keys here: data, description, experiment, experiments, extra_trials, "
+                    "grid, max_concurrent_trials, max_failures, model, name, pretrain, resources, runtime, seed, seeds, "
+                    "storage, transfer"),
     ("pretrain: {epochs: three}\n", "pretrain.epochs: expected int (a whole number), got 'three'"),
     ("pretrain: {epochs: 2.5}\n", "pretrain.epochs: expected int (a whole number), got '2.5'"),
     ("pretrain: {lr: .inf}\n", "pretrain.lr: expected float"),
@@ -112,6 +120,7 @@ grid:
     ("grid: {pretrain.bogus: [1]}\n", "grid: unknown key 'pretrain.bogus'"),
     ("grid: {pretrain.lr: []}\n", "grid.pretrain.lr=[] is out of range; allowed: not empty"),
     ("grid: {pretrain.epochs: [1, x]}\n", "grid.pretrain.epochs[1]: expected int"),
+    ("grid: {pretrain.epochs: [1, 2, 1]}\n", "grid.pretrain.epochs lists 1 twice ([1, 2, 1]); list each value once"),
     ("extra_trials: [{pretrain.lr: -1}]\n", "extra_trials[0].pretrain.lr=-1.0 is out of range; allowed: > 0"),
     ("pretrain: {images_per_class: -1}\n", "pretrain.images_per_class=-1 is out of range; allowed: >= 0"),
     ("pretrain: {lr: -0.01}\n", "pretrain.lr=-0.01 is out of range; allowed: > 0"),
@@ -123,6 +132,9 @@ grid:
     ("model: {resolution: -64}\n", "model.resolution=-64 is out of range; allowed: >= 39"),
     ("model: {width: 0}\n", "model.width=0.0 is out of range; allowed: > 0"),
     ("model: {width: -0.25}\n", "model.width=-0.25 is out of range; allowed: > 0"),
+    ("model: {width: 1e9}\n", "model.width=1000000000.0 is out of range; allowed: > 0 and <= 8"),
+    ("model: {resolution: 100000}\n", "model.resolution=100000 is out of range; allowed: >= 39 and <= 1024"),
+    ("pretrain: {batch_size: 100000000}\n", "pretrain.batch_size=100000000 is out of range; allowed: >= 1 and <= 65536"),
     ("transfer: {scene: {partitions: [11]}}\n", "transfer.scene.partitions[0]=11 is out of range; allowed: >= 1 and <= 10"),
     ("transfer: {scene: {partitions: [1, 0]}}\n", "transfer.scene.partitions[1]=0 is out of range; allowed: >= 1 and <= 10"),
     ("transfer: {scene: {partitions: []}}\n", "transfer.scene.partitions=[] is out of range; allowed: not empty"),
@@ -204,12 +216,14 @@ def test_one_experiment_is_named_after_the_sweep_and_seeds_apply(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("experiments: {a: {grid: {pretrain.epochs: [1]}}}\ngrid: {seed: [1]}\n", "grid: a spec with experiments"),
+    ("experiments: {a: {grid: {pretrain.epochs: [1]}}}\ngrid: {seed: [1]}\n", "grid: a spec has either a top-level grid or experiments, not both"),
     ("experiments: {Bad-Name: {grid: {pretrain.epochs: [1]}}}\n", "experiments.Bad-Name: an experiment name"),
     ("experiments: {a: {}}\n", "experiments.a: no trials"),
     ("experiments: {a: {grid: {pretrain.epochs: []}}}\n", "experiments.a.grid.pretrain.epochs=[] is out of range; allowed: not empty"),
     ("experiments: {a: {trials: [{pretrain.epochs: x}]}}\n", "experiments.a.trials[0].pretrain.epochs: expected int"),
     ("experiments: {a: {grid: {pretrain.epochs: [1, x]}}}\n", "experiments.a.grid.pretrain.epochs[1]: expected int"),
+    ("grid: {pretrain.epochs: [1]}\nexperiments: {a: {grid: {pretrain.lr: [0.1]}}}\n",
+     "a top-level grid or experiments, not both; this one has the grid over pretrain.epochs and the experiments a"),
     ("experiments: {a: {grid: {pretrain.epochz: [1]}}}\n", "experiments.a.grid: unknown key 'pretrain.epochz'"),
     ("experiments: {a: {grid: {runtime.threads: [1, 2]}}}\n", "experiments.a.grid.runtime.threads: runtime settings"),
     ("experiments: {a: {trials: [{seed: 1}], settings: {pretrain.lr: -1}}}\n",

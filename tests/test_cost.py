@@ -36,8 +36,9 @@ def test_throughput_comes_from_the_option_then_a_cuda_bench_then_the_assumption(
     measured = throughput(None, result)
     assert (measured.img_per_s, measured.resolution) == (30000.0, 224) and "H200" in measured.source
     assert throughput(5000.0, result).img_per_s == 5000.0
-    with pytest.raises(UserError, match="--img-per-s must be positive"):
-        throughput(0.0, result)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="--img-per-s must be a positive, finite number"):
+            throughput(bad, result)
 
 
 def test_a_trial_costs_what_its_schedule_says():

@@ -212,3 +212,29 @@ def test_a_driver_failure_is_traced_to_the_disk_behind_it(tmp_path):
     blocker.write_text("")
     message = disk_cause(EOFError("Ran out of input"), str(blocker / "storage"), uri)
     assert message.startswith(f"cannot write the storage folder {blocker / 'storage'}: Not a directory"), message
+
+
+def test_a_full_disk_under_prepare_is_one_line_and_the_same_command_finishes_once_freed(tmp_path, raw_paths, mounts,
+                                                                                        capsys):
+    disk = mounts(tmp_path / "disk", size="64m")
+    out = disk.path / "sun397"
+    filler = disk.fill()
+
+    def prepare_lines() -> tuple[int, list[str]]:
+        code = main(["prepare", "sun397", raw_paths["sun397"], str(out), "--workers", "1"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in "\n".join(lines), lines
+        assert "cannot write" in errors[0] and "No space left on device" in errors[0] and str(out) in errors[0]
+        return code, errors
+
+    prepare_lines()  # no room for the plan: nothing is left behind
+    assert not out.exists()
+    os.truncate(filler, filler.stat().st_size - (64 << 10))  # 64 KiB: the plan fits, a shard does not
+    prepare_lines()
+    assert (out / "plan.json").is_file() and not (out / "PREPARED.json").exists()  # not called finished
+    filler.unlink()
+    assert main(["prepare", "sun397", raw_paths["sun397"], str(out), "--workers", "1"]) == 0
+    from itl_ray.shards import Prepared
+
+    assert len(Prepared(out, "sun397").verify()) > 0

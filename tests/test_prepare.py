@@ -381,6 +381,27 @@ def test_prepare_again_is_a_no_op_and_other_settings_are_refused(tmp_path, raw_p
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
 
 
+@pytest.mark.parametrize("damage", ["truncated shard", "missing manifest"])
+def test_prepare_again_mends_a_damaged_folder_in_place(tmp_path, raw_paths, damage):
+    out = tmp_path / "out"
+    assert itl_ray("prepare", "sun397", raw_paths["sun397"], str(out)).returncode == 0
+    whole = Prepared(out, "sun397")
+    rows, sums = len(whole), whole.column("sha256")
+    shard = out / "shards" / "shard-00000.arrow"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        (out / "manifest.parquet").unlink()
+    with pytest.raises(UserError):
+        Prepared(out, "sun397").verify()
+    again = itl_ray("prepare", "sun397", raw_paths["sun397"], str(out))
+    assert again.returncode == 0, again.stderr
+    said = "shard-00000.arrow is not a readable Arrow file" if damage == "truncated shard" else "manifest.parquet is missing"
+    assert f"{out}: " in again.stderr and said in again.stderr and "making what is damaged again" in again.stderr
+    mended = Prepared(out, "sun397").verify()
+    assert (len(mended), mended.column("sha256")) == (rows, sums)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mini):
     out = tmp_path / "out"
     assert_one_line_error(itl_ray("prepare", "imagenet", str(tmp_path / "missing"), str(out)),
@@ -388,6 +409,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, mini):
     (tmp_path / "a_file").write_text("not a folder")
     assert_one_line_error(itl_ray("prepare", "sun397", str(mini / "SUN397"), str(tmp_path / "a_file" / "out")),
                           "cannot create the output folder", str(tmp_path / "a_file" / "out"))
+    assert_one_line_error(itl_ray("prepare", "imagenet", str(tmp_path / "a_file"), str(out)),
+                          str(tmp_path / "a_file"), "is a file, not a folder")
     assert (tmp_path / "a_file").read_text() == "not a folder"
     assert_one_line_error(itl_ray("prepare", "sun397", str(tmp_path), str(out), "--no-proposals"),
                           "--no-proposals applies to voc2007 only, not to sun397")

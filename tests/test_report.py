@@ -195,6 +195,10 @@ def test_a_store_that_is_not_there_is_named(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert "itl_runs/mlflow.db" in done.stderr and "does not exist" in done.stderr
     assert not (tmp_path / "itl_runs").exists()  # reading created nothing
+    for folder in ("notauri", f"file://{tmp_path}"):
+        done = run_report(tmp_path, uri=folder)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert f"MLFLOW_TRACKING_URI={folder} names a folder" in done.stderr and "sqlite:///" in done.stderr
     missing = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     done = run_report(tmp_path, uri=missing)
     assert done.returncode == 2 and missing in done.stderr

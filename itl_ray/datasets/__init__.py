@@ -50,7 +50,8 @@ class Root:
         self.base = self.base.rstrip("/") or "/"
         self._listings: dict[str, set[str]] = {}
         if not self.is_dir(self.base):
-            raise UserError(f"{what} folder {self.location!r} does not exist; point the command or the config's "
+            state = "is a file, not a folder" if self.fs.get_file_info(self.base).type == fs.FileType.File else "does not exist"
+            raise UserError(f"{what} folder {self.location!r} {state}; point the command or the config's "
                             "data path at the dataset's root")
 
     def path(self, *parts: str) -> str:

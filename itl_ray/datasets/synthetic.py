@@ -609,11 +609,7 @@ def synthesize(out_dir: str | Path, seed: int = 0, sizes: Sizes = Sizes(), worke
     needed = sorted(set(scene_pool()) | set(ACTION_OBJECTS.values()))
     looks = {wnid: look_of(wnid, seed) for wnid in needed}
     instances = instance_synsets()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError as error:
-        raise UserError(f"cannot create {out} ({error.strerror}); choose a folder you can write") from None
+    staging = _staging_folder(out)
     try:
         jobs = _image_sets(staging, seed, sizes)
         workers = workers or os.cpu_count() or 1
@@ -669,11 +665,7 @@ def synthesize_voc2007(out_dir: str | Path, trainval: int, test: int, seed: int 
     wordnet.load()
     instances = instance_synsets()
     looks = {wnid: look_of(wnid, seed) for wnid in sorted({w for synsets in instances.values() for w in synsets})}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    except OSError as error:
-        raise UserError(f"cannot create {out} ({error.strerror}); choose a folder you can write") from None
+    staging = _staging_folder(out)
     try:
         devkit = staging / "VOCdevkit"
         ids = [f"{i:06d}" for i in range(1, trainval + test + 1)]
@@ -708,3 +700,15 @@ def dataset_paths(out_dir: str | Path) -> dict[str, str]:
         "voc2012": str(out / "VOCdevkit"),
         "sun397": str(out / "SUN397"),
     }
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` to build it in (renamed to ``out`` when complete).
+    UserError naming ``out`` and the reason, e.g. a parent that is a file."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as error:
+        blocker = next((parent for parent in out.parents if parent.is_file()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else error.strerror
+        raise UserError(f"cannot create {out} ({reason}); choose a folder you can write") from None
